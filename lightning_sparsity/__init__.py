@@ -1,0 +1,70 @@
+"""lightning-sparsity: train CNNs to exact filter sparsity with Lightning callbacks, then export a
+physically smaller model whose outputs equal the trained one's.
+
+Public names are imported lazily, so ``import lightning_sparsity`` stays cheap and never imports
+torchvision (only :mod:`lightning_sparsity.data` and the examples do).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # callbacks
+    "SparsityRegularizer": "lightning_sparsity.callbacks.regularizer",
+    "ProximalSparsity": "lightning_sparsity.callbacks.proximal",
+    "VariableSplitting": "lightning_sparsity.callbacks.splitting",
+    "FilterThresholding": "lightning_sparsity.callbacks.thresholding",
+    "SparsityMonitor": "lightning_sparsity.callbacks.monitor",
+    "PrunedExport": "lightning_sparsity.callbacks.export",
+    # physical pruning
+    "prune_model": "lightning_sparsity.pruning.export",
+    "PruneReport": "lightning_sparsity.pruning.report",
+    "size_report": "lightning_sparsity.pruning.report",
+    "save_pruned": "lightning_sparsity.pruning.serialization",
+    "load_pruned": "lightning_sparsity.pruning.serialization",
+    "PrunedCheckpointMixin": "lightning_sparsity.pruning.serialization",
+    # models and the classification module
+    "build_model": "lightning_sparsity.models",
+    "LeNet5Caffe": "lightning_sparsity.models",
+    "ClassificationModule": "lightning_sparsity.module",
+    # layer selection
+    "select_layers": "lightning_sparsity.selection",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_sparsity.callbacks.export import PrunedExport
+    from lightning_sparsity.callbacks.monitor import SparsityMonitor
+    from lightning_sparsity.callbacks.proximal import ProximalSparsity
+    from lightning_sparsity.callbacks.regularizer import SparsityRegularizer
+    from lightning_sparsity.callbacks.splitting import VariableSplitting
+    from lightning_sparsity.callbacks.thresholding import FilterThresholding
+    from lightning_sparsity.models import LeNet5Caffe, build_model
+    from lightning_sparsity.module import ClassificationModule
+    from lightning_sparsity.pruning.export import prune_model
+    from lightning_sparsity.pruning.report import PruneReport, size_report
+    from lightning_sparsity.pruning.serialization import (
+        PrunedCheckpointMixin,
+        load_pruned,
+        save_pruned,
+    )
+    from lightning_sparsity.selection import select_layers
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_sparsity' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,1 @@
+"""Thin Lightning callbacks, one public class per file."""

@@ -1,0 +1,1 @@
+"""Pure tensor maths: groups, penalties and proximal maps. No Lightning import."""

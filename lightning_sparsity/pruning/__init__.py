@@ -1,0 +1,1 @@
+"""Physical pruning: fx coupling graph, layer surgery, export, save/load. No Lightning import."""

@@ -1,0 +1,83 @@
+"""Which layers a sparsity callback acts on.
+
+By default every Conv1d/2d/3d and Linear layer. The output units of the layer(s) producing the
+model's output are never a prunable group (they are the classes): such layers are returned with
+``is_output=True`` so that filter-granularity users skip them while channel-granularity users may
+still act on their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_sparsity.pruning.graph import PRUNABLE_TYPES, output_layer_names
+
+LayerSpec = Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A selected layer: its qualified name, the module, and whether it produces the output."""
+
+    name: str
+    module: nn.Module
+    is_output: bool
+
+
+def select_layers(
+    model: nn.Module, layers: LayerSpec = None, *, owner: str = "select_layers"
+) -> list[PrunableLayer]:
+    """Select the prunable layers of ``model``.
+
+    Args:
+        model: the network.
+        layers: ``None`` for every Conv/Linear layer; a sequence of qualified module names; or a
+            predicate ``(name, module) -> bool`` applied to the Conv/Linear layers.
+        owner: the caller's name, used in error messages (e.g. ``"SparsityRegularizer"``).
+
+    Raises:
+        ValueError: a name that does not exist (the available ones are listed), or that names a
+            layer of an unsupported type.
+        TypeError: ``layers`` of the wrong type.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10))
+        >>> [(layer.name, layer.is_output) for layer in select_layers(net)]
+        [('0', False), ('3', True)]
+    """
+    available = {
+        name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)
+    }
+    if layers is None:
+        chosen = list(available)
+    elif callable(layers):
+        chosen = [name for name, module in available.items() if layers(name, module)]
+    elif isinstance(layers, str) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"`{owner}(layers={layers!r})`: expected `layers` to be None, a list of qualified "
+            "module names or a predicate `(name, module) -> bool`, "
+            f"got {type(layers).__name__}. HINT: use `layers=[{layers!r}]` for a single layer."
+        )
+    else:
+        all_modules = dict(model.named_modules())
+        chosen = []
+        for name in layers:
+            if name not in all_modules:
+                raise ValueError(
+                    f"`{owner}(layers=[..., {name!r}, ...])`: no module named {name!r} in "
+                    f"`{type(model).__name__}`. Available Conv/Linear layers: {sorted(available)}."
+                )
+            if name not in available:
+                raise ValueError(
+                    f"`{owner}(layers=[..., {name!r}, ...])`: {name!r} is a "
+                    f"`{type(all_modules[name]).__name__}`, expected one of "
+                    f"{[t.__name__ for t in PRUNABLE_TYPES]}. Available: {sorted(available)}."
+                )
+            chosen.append(name)
+    outputs = output_layer_names(model)
+    return [PrunableLayer(name, available[name], name in outputs) for name in chosen]

@@ -1,0 +1,39 @@
+"""Shared fixtures: the offline MNIST / Fashion-MNIST copies, seeded randomness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path | None:
+    """Where the raw MNIST archives are: $LIGHTNING_SPARSITY_DATA or ../shared/data beside the repo."""
+    for candidate in (os.environ.get("LIGHTNING_SPARSITY_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable torchvision root holding MNIST and Fashion-MNIST (raw archives copied from the
+    offline copy; torchvision verifies and unpacks them without a network)."""
+    source = _shared_data()
+    if source is None:
+        pytest.skip("no offline MNIST copy: set LIGHTNING_SPARSITY_DATA to a torchvision root")
+    root = tmp_path_factory.mktemp("data")
+    for name in ("MNIST", "FashionMNIST"):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, root / name)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
