@@ -36,7 +36,24 @@ _EXPORTS: dict[str, str] = {
     "select_layers": "lightning_sparsity.selection",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ClassificationModule",
+    "FilterThresholding",
+    "LeNet5Caffe",
+    "ProximalSparsity",
+    "PruneReport",
+    "PrunedCheckpointMixin",
+    "PrunedExport",
+    "SparsityMonitor",
+    "SparsityRegularizer",
+    "VariableSplitting",
+    "build_model",
+    "load_pruned",
+    "prune_model",
+    "save_pruned",
+    "select_layers",
+    "size_report",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_sparsity.callbacks.export import PrunedExport

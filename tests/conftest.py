@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shared_data() -> Path | None:
-    """Where the raw MNIST archives are: $LIGHTNING_SPARSITY_DATA or ../shared/data beside the repo."""
+    """The raw MNIST archives: $LIGHTNING_SPARSITY_DATA, else ../shared/data beside the repo."""
     for candidate in (os.environ.get("LIGHTNING_SPARSITY_DATA"), REPO.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
             return Path(candidate)
