@@ -31,6 +31,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("MNIST", "FashionMNIST"):
         if (source / name).is_dir():
             shutil.copytree(source / name, root / name)
+    # copytree keeps the source's read-only mode bits: make the copy writable for real
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return root
 
 

@@ -1,0 +1,231 @@
+"""Datamodules: CIFAR-10 on generated files in torchvision's format, MNIST / Fashion-MNIST on the
+offline copy, read-only roots, missing data without a network, the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torchvision import datasets
+
+from lightning_sparsity.data import (
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    build_datamodule,
+)
+
+CIFAR_MEAN = torch.tensor(CIFAR10DataModule.mean).view(3, 1, 1)
+CIFAR_STD = torch.tensor(CIFAR10DataModule.std).view(3, 1, 1)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, Any]]:
+    """A tiny CIFAR-10 in torchvision's on-disk format (5 training batches of 12 images, a test
+    batch of 10). torchvision's loader runs unchanged, its integrity check included: the class's
+    list of expected md5 sums is pointed at the generated files."""
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    raw: dict[str, Any] = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = 10 if name == "test_batch" else 12
+        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=n)]
+        raw[name] = (data, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+    classes = ["airplane", "automobile", "bird", "cat", "deer"]
+    classes += ["dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": classes, "num_cases_per_batch": 12, "num_vis": 3072}, f)
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, _md5(folder / n)] for n in names[:5]])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", _md5(folder / names[5])]])
+    meta = dict(datasets.CIFAR10.meta, md5=_md5(folder / "batches.meta"))
+    monkeypatch.setattr(datasets.CIFAR10, "meta", meta)
+    return folder.parent, raw
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def _expected_image(data: np.ndarray, index: int) -> torch.Tensor:
+    image = torch.from_numpy(data[index].reshape(3, 32, 32)).float() / 255
+    return (image - CIFAR_MEAN) / CIFAR_STD
+
+
+def test_cifar10_split_normalisation_and_augmentation(cifar_root: tuple[Path, Any]) -> None:
+    root, raw = cifar_root
+    train_data = np.concatenate([raw[f"data_batch_{i}"][0] for i in range(1, 6)])
+    train_labels = [label for i in range(1, 6) for label in raw[f"data_batch_{i}"][1]]
+    dm = CIFAR10DataModule(data_dir=root, batch_size=8, num_workers=0, val_size=10, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_set is not None and dm.val_set is not None
+    train_idx, val_idx = dm.train_set.indices, dm.val_set.indices  # type: ignore[attr-defined]
+    assert len(train_idx) == 50 and len(val_idx) == 10
+    assert sorted([*train_idx, *val_idx]) == list(range(60))
+
+    # validation: not augmented, exactly the per-channel normalised pixels
+    for position, index in enumerate(val_idx[:3]):
+        image, label = dm.val_set[position]
+        torch.testing.assert_close(image, _expected_image(train_data, index))
+        assert label == train_labels[index]
+
+    # training: a random crop of the 4-pixel zero-padded image and a random flip
+    index = train_idx[0]
+    plain = _expected_image(train_data, index)
+    padded = torch.nn.functional.pad(plain * CIFAR_STD + CIFAR_MEAN, (4, 4, 4, 4))
+    padded = (padded - CIFAR_MEAN) / CIFAR_STD
+    candidates = [
+        view[:, dy : dy + 32, dx : dx + 32]
+        for view in (padded, padded.flip(-1))
+        for dy in range(9)
+        for dx in range(9)
+    ]
+    draws = [dm.train_set[0][0] for _ in range(8)]
+    for draw in draws:
+        assert any(torch.allclose(draw, c, atol=1e-5) for c in candidates)
+    assert any(not torch.allclose(draw, plain) for draw in draws)
+
+    batch, labels = next(iter(dm.train_dataloader()))
+    assert batch.shape == (8, 3, 32, 32) and labels.shape == (8,)
+
+
+def test_cifar10_test_split_and_seeded_split(cifar_root: tuple[Path, Any]) -> None:
+    root, raw = cifar_root
+    dm = CIFAR10DataModule(data_dir=root, num_workers=0, val_size=10, seed=3)
+    dm.setup("test")
+    assert dm.test_set is not None and len(dm.test_set) == 10  # type: ignore[arg-type]
+    image, label = dm.test_set[4]
+    torch.testing.assert_close(image, _expected_image(raw["test_batch"][0], 4))
+    assert label == raw["test_batch"][1][4]
+
+    def split(seed: int) -> list[int]:
+        other = CIFAR10DataModule(data_dir=root, num_workers=0, val_size=10, seed=seed)
+        other.setup("fit")
+        return list(other.val_set.indices)  # type: ignore[union-attr]
+
+    assert split(3) == split(3)
+    assert split(3) != split(4)
+
+
+def test_cifar10_corrupted_and_offline_names_the_place(
+    cifar_root: tuple[Path, Any], no_network: None
+) -> None:
+    root, _ = cifar_root
+    (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"corrupt")
+    dm = CIFAR10DataModule(data_dir=root, num_workers=0, val_size=10)
+    with pytest.raises(RuntimeError, match=r"download failed \(URLError") as info:
+        dm.prepare_data()
+    assert str(root) in str(info.value)
+    assert "cifar-10-batches-py/" in str(info.value)
+
+
+def test_mnist_on_the_offline_copy(data_root: Path) -> None:
+    dm = MNISTDataModule(data_dir=data_root, batch_size=500, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) == 55_000  # type: ignore[arg-type]
+    assert len(dm.val_set) == 5_000  # type: ignore[arg-type]
+    assert len(dm.test_set) == 10_000  # type: ignore[arg-type]
+    images, labels = next(iter(dm.test_dataloader()))
+    assert images.shape == (500, 1, 28, 28)
+    assert set(labels.tolist()) == set(range(10))
+    # normalised with MNIST's statistics: about zero mean and unit std
+    assert abs(images.mean().item()) < 0.1
+    assert abs(images.std().item() - 1) < 0.1
+
+
+def test_fashion_mnist_on_the_offline_copy(data_root: Path) -> None:
+    dm = build_datamodule("fashion_mnist", data_dir=data_root, batch_size=500, num_workers=0)
+    assert isinstance(dm, FashionMNISTDataModule)
+    dm.prepare_data()
+    dm.setup("test")
+    images, _ = next(iter(dm.test_dataloader()))
+    assert images.shape == (500, 1, 28, 28)
+    assert abs(images.mean().item()) < 0.1
+    assert abs(images.std().item() - 1) < 0.1
+
+
+def test_read_only_data_dir_is_copied_to_the_cache(
+    data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "MNIST" / "raw").mkdir(parents=True)
+    for gz in (data_root / "MNIST" / "raw").glob("*.gz"):
+        shutil.copyfile(gz, shared / "MNIST" / "raw" / gz.name)
+    for path in (shared / "MNIST" / "raw", shared / "MNIST", shared):
+        path.chmod(0o555)
+    before = sorted(p.name for p in (shared / "MNIST" / "raw").iterdir())
+    cache = tmp_path / "cache"
+    dm = MNISTDataModule(data_dir=shared, cache_dir=cache, num_workers=0)
+    try:
+        with caplog.at_level(logging.INFO):
+            dm.prepare_data()
+            dm.setup("test")
+            root = dm.resolve_root()
+    finally:
+        for path in (shared, shared / "MNIST", shared / "MNIST" / "raw"):
+            path.chmod(0o755)
+    assert root == cache.absolute()
+    assert len(dm.test_set) == 10_000  # type: ignore[arg-type]
+    assert sorted(p.name for p in (shared / "MNIST" / "raw").iterdir()) == before
+    assert (cache / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    assert caplog.text.count("is read-only") == 1 and str(cache) in caplog.text
+
+
+def test_missing_data_without_network_says_where_and_how(tmp_path: Path, no_network: None) -> None:
+    absent = tmp_path / "nowhere"
+    dm = MNISTDataModule(data_dir=absent, num_workers=0)
+    with pytest.raises(RuntimeError, match=r"download failed") as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert str(absent / "MNIST" / "raw") in message
+    assert "--data.data_dir" in message and "MNIST/raw/*.gz" in message
+
+    offline = MNISTDataModule(data_dir=absent, num_workers=0, download=False)
+    with pytest.raises(RuntimeError, match=r"download=False.*MNIST/raw/\*\.gz"):
+        offline.setup("test")
+
+
+def test_registry_and_bad_arguments() -> None:
+    assert isinstance(build_datamodule("MNIST"), MNISTDataModule)
+    assert isinstance(build_datamodule("cifar-10"), CIFAR10DataModule)
+    with pytest.raises(ValueError, match=r"unknown dataset.*'mnist', 'fashion-mnist', 'cifar10'"):
+        build_datamodule("imagenet")
+    with pytest.raises(ValueError, match=r"`MNISTDataModule\(batch_size=0\)`: expected"):
+        MNISTDataModule(batch_size=0)
+    with pytest.raises(ValueError, match=r"num_workers` >= 0"):
+        MNISTDataModule(num_workers=-1)
+    with pytest.raises(TypeError, match=r"val_size=0.5"):
+        MNISTDataModule(val_size=0.5)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"not set up"):
+        MNISTDataModule().train_dataloader()
+
+
+def test_val_size_must_leave_training_data(cifar_root: tuple[Path, Any]) -> None:
+    root, _ = cifar_root
+    dm = CIFAR10DataModule(data_dir=root, num_workers=0, val_size=60)
+    with pytest.raises(ValueError, match=r"val_size` < 60"):
+        dm.setup("fit")
