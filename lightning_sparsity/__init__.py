@@ -27,7 +27,10 @@ _EXPORTS: dict[str, str] = {
     "size_report": "lightning_sparsity.pruning.report",
     "save_pruned": "lightning_sparsity.pruning.serialization",
     "load_pruned": "lightning_sparsity.pruning.serialization",
-    "PrunedCheckpointMixin": "lightning_sparsity.pruning.serialization",
+    "PrunedCheckpointMixin": "lightning_sparsity.checkpoint",
+    "save_pruned_checkpoint": "lightning_sparsity.checkpoint",
+    "save_pt2": "lightning_sparsity.pruning.deploy",
+    "save_onnx": "lightning_sparsity.pruning.deploy",
     # models and the classification module
     "build_model": "lightning_sparsity.models",
     "LeNet5Caffe": "lightning_sparsity.models",
@@ -50,7 +53,10 @@ __all__ = [
     "build_model",
     "load_pruned",
     "prune_model",
+    "save_onnx",
     "save_pruned",
+    "save_pruned_checkpoint",
+    "save_pt2",
     "select_layers",
     "size_report",
 ]
@@ -62,15 +68,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_sparsity.callbacks.regularizer import SparsityRegularizer
     from lightning_sparsity.callbacks.splitting import VariableSplitting
     from lightning_sparsity.callbacks.thresholding import FilterThresholding
+    from lightning_sparsity.checkpoint import PrunedCheckpointMixin, save_pruned_checkpoint
     from lightning_sparsity.models import LeNet5Caffe, build_model
     from lightning_sparsity.module import ClassificationModule
+    from lightning_sparsity.pruning.deploy import save_onnx, save_pt2
     from lightning_sparsity.pruning.export import prune_model
     from lightning_sparsity.pruning.report import PruneReport, size_report
-    from lightning_sparsity.pruning.serialization import (
-        PrunedCheckpointMixin,
-        load_pruned,
-        save_pruned,
-    )
+    from lightning_sparsity.pruning.serialization import load_pruned, save_pruned
     from lightning_sparsity.selection import select_layers
 
 

@@ -1,0 +1,306 @@
+"""Layer widths as plain data: describe a pruned model's widths, check them against a freshly built
+model of the original architecture, and reshape that model's layers to them.
+
+The description holds only ``str``/``int``/``list``/``dict`` values, so it travels inside a file
+that ``torch.load(..., weights_only=True)`` opens::
+
+    {"format": "lightning_sparsity.pruned_widths", "version": 1,
+     "modules": {"conv1": {"class": "Conv2d", "in_channels": 1, "out_channels": 7, "groups": 1},
+                 "fc1": {"class": "Linear", "in_features": 567, "out_features": 500}, ...}}
+
+Every module that has a width (Conv/ConvTranspose 1d-3d, Linear, BatchNorm/InstanceNorm, GroupNorm,
+LayerNorm, PReLU) is described; loading reshapes only those whose width differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+WIDTHS_FORMAT = "lightning_sparsity.pruned_widths"
+WIDTHS_VERSION = 1
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one family of layers stores its widths and which tensor shapes follow from them."""
+
+    attrs: tuple[str, ...]
+    shapes: Callable[[nn.Module, dict[str, Any]], dict[str, Shape]]
+    rule: Callable[[dict[str, Any]], str | None] = lambda w: None
+
+
+def _conv_shapes(module: nn.Module, w: dict[str, Any]) -> dict[str, Shape]:
+    m = cast(_ConvNd, module)
+    inc, outc, g = w["in_channels"], w["out_channels"], w["groups"]
+    lead = (inc, outc // g) if m.transposed else (outc, inc // g)
+    return {"weight": (*lead, *m.kernel_size), "bias": (outc,)}
+
+
+def _groups_rule(w: dict[str, Any]) -> str | None:
+    g = w["groups"]
+    if w["in_channels"] % g or w["out_channels"] % g:
+        inc, outc = w["in_channels"], w["out_channels"]
+        return f"`groups`={g} must divide in_channels={inc} and out_channels={outc}"
+    return None
+
+
+def _norm_groups_rule(w: dict[str, Any]) -> str | None:
+    if w["num_channels"] % w["num_groups"]:
+        return f"`num_groups`={w['num_groups']} must divide num_channels={w['num_channels']}"
+    return None
+
+
+def _per_feature(attr: str) -> Callable[[nn.Module, dict[str, Any]], dict[str, Shape]]:
+    def shapes(m: nn.Module, w: dict[str, Any]) -> dict[str, Shape]:
+        n = (w[attr],)
+        return {"weight": n, "bias": n, "running_mean": n, "running_var": n}
+
+    return shapes
+
+
+# Checked in order: the first isinstance match wins.
+_FAMILIES: tuple[tuple[type[nn.Module], _Family], ...] = (
+    (_ConvNd, _Family(("in_channels", "out_channels", "groups"), _conv_shapes, _groups_rule)),
+    (
+        nn.Linear,
+        _Family(
+            ("in_features", "out_features"),
+            lambda m, w: {
+                "weight": (w["out_features"], w["in_features"]),
+                "bias": (w["out_features"],),
+            },
+        ),
+    ),
+    (_NormBase, _Family(("num_features",), _per_feature("num_features"))),
+    (
+        nn.GroupNorm,
+        _Family(("num_groups", "num_channels"), _per_feature("num_channels"), _norm_groups_rule),
+    ),
+    (
+        nn.LayerNorm,
+        _Family(
+            ("normalized_shape",),
+            lambda m, w: {
+                "weight": tuple(w["normalized_shape"]),
+                "bias": tuple(w["normalized_shape"]),
+            },
+        ),
+    ),
+    (nn.PReLU, _Family(("num_parameters",), _per_feature("num_parameters"))),
+)
+
+
+def _family(module: nn.Module) -> _Family | None:
+    for base, family in _FAMILIES:
+        if isinstance(module, base):
+            return family
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def describe_widths(model: nn.Module) -> dict[str, Any]:
+    """The widths of every layer of ``model`` that has one, as plain data.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 3, 5), nn.BatchNorm2d(3))
+        >>> describe_widths(net)["modules"]["1"]
+        {'class': 'BatchNorm2d', 'num_features': 3}
+    """
+    modules: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        family = _family(module)
+        if family is None:
+            continue
+        entry: dict[str, Any] = {"class": type(module).__name__}
+        entry.update({attr: _plain(getattr(module, attr)) for attr in family.attrs})
+        modules[name] = entry
+    return {"format": WIDTHS_FORMAT, "version": WIDTHS_VERSION, "modules": modules}
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {
+        k: v for k, v in module._parameters.items() if v is not None
+    }
+    tensors.update(
+        (k, v)
+        for k, v in module._buffers.items()
+        if v is not None and k not in module._non_persistent_buffers_set
+    )
+    return tensors
+
+
+def _is_width(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_entry(name: str, module: nn.Module, entry: Any, family: _Family) -> dict[str, Any]:
+    """The validated widths of one entry, or a ValueError saying which rule it breaks."""
+    cls = type(module).__name__
+    if not isinstance(entry, Mapping) or entry.get("class") != cls:
+        got = entry.get("class") if isinstance(entry, Mapping) else type(entry).__name__
+        raise ValueError(f"module {name!r}: saved class {got!r}, but the model has a `{cls}` there")
+    missing = [a for a in family.attrs if a not in entry]
+    if missing:
+        raise ValueError(f"module {name!r} (`{cls}`): the saved widths lack {missing}")
+    widths = {a: entry[a] for a in family.attrs}
+    for attr, value in widths.items():
+        original = _plain(getattr(module, attr))
+        if isinstance(original, list):
+            ok = (
+                isinstance(value, list)
+                and len(value) == len(original)
+                and all(_is_width(v) and v <= o for v, o in zip(value, original))
+            )
+            rule = f"a list of {len(original)} positive ints, each <= {original}"
+        else:
+            ok = _is_width(value) and value <= original
+            rule = f"a positive int <= the original {original}"
+        if not ok:
+            raise ValueError(
+                f"module {name!r} (`{cls}`): expected `{attr}` to be {rule}, got {value!r}"
+            )
+    problem = family.rule(widths)
+    if problem:
+        raise ValueError(f"module {name!r} (`{cls}`): {problem}")
+    return widths
+
+
+def _resized(module: nn.Module, widths: dict[str, Any], shapes: dict[str, Shape]) -> nn.Module:
+    """A copy of ``module`` (same class, dtype and device) with the given widths; its tensors are
+    uninitialised, the caller loads them."""
+    new = copy.deepcopy(module)
+    for attr, value in widths.items():
+        setattr(new, attr, tuple(value) if isinstance(value, list) else value)
+    for key, shape in shapes.items():
+        old = new._parameters.get(key)
+        if old is not None:
+            new._parameters[key] = nn.Parameter(
+                torch.empty(shape, dtype=old.dtype, device=old.device),
+                requires_grad=old.requires_grad,
+            )
+            continue
+        buf = new._buffers.get(key)
+        if buf is not None:
+            new._buffers[key] = torch.zeros(shape, dtype=buf.dtype, device=buf.device)
+    return new
+
+
+def _close(name: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(name, names, n=3)
+    return f" Did you mean {near}?" if near else ""
+
+
+def reshape_to_widths(
+    model: nn.Module,
+    description: Any,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Shrink the layers of ``model`` (in place) to the widths in ``description``.
+
+    Everything is checked before ``model`` is touched: the format tag, that every described module
+    exists with the saved class, that each width is a positive int no larger than the model's, that
+    groups divide channels, and that the tensors in ``state_dict`` have the shapes those widths
+    imply. With ``strict`` the keys of ``state_dict`` must also equal the reshaped model's exactly
+    (as ``load_state_dict(strict=True)`` will require). Layers whose width changes are replaced by
+    new modules of the same class, dtype and device; the weights are not loaded here.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: naming the module and the rule it breaks; ``model`` is then unchanged.
+    """
+    if not isinstance(description, Mapping) or description.get("format") != WIDTHS_FORMAT:
+        raise ValueError(f"expected a widths description with format {WIDTHS_FORMAT!r}")
+    if description.get("version") != WIDTHS_VERSION:
+        raise ValueError(
+            f"widths format version {description.get('version')!r} is not supported "
+            f"(this library reads version {WIDTHS_VERSION}); HINT: upgrade lightning-sparsity"
+        )
+    entries = description.get("modules")
+    if not isinstance(entries, Mapping):
+        raise ValueError("the widths description has no `modules` mapping")
+    named = dict(model.named_modules())
+    plan: dict[str, nn.Module] = {}
+    current_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in current_state.items()}
+    for name, entry in entries.items():
+        module = named.get(name) if isinstance(name, str) else None
+        if module is None:
+            raise ValueError(
+                f"the saved widths describe a module {name!r} that `{type(model).__name__}` does "
+                f"not have.{_close(str(name), list(named))} HINT: load into a freshly built model "
+                "of the architecture that was pruned"
+            )
+        family = _family(module)
+        if family is None:
+            raise ValueError(
+                f"module {name!r} is a `{type(module).__name__}`, which has no width to restore"
+            )
+        widths = _check_entry(name, module, entry, family)
+        current = {a: _plain(getattr(module, a)) for a in family.attrs}
+        own = _own_tensors(module)
+        shapes = {k: s for k, s in family.shapes(module, widths).items() if k in own}
+        prefix = f"{name}." if name else ""
+        for key, shape in shapes.items():
+            if f"{prefix}{key}" in expected:
+                expected[f"{prefix}{key}"] = shape
+        if widths == current:
+            continue
+        if not name:
+            raise ValueError(f"the root module (`{type(module).__name__}`) cannot be reshaped")
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            raise ValueError(f"module {name!r} is parametrized; remove the parametrization first")
+        plan[name] = _resized(module, widths, shapes)
+    _check_state_dict(expected, current_state, state_dict, strict=strict)
+    for name in sorted(plan, key=lambda n: n.count(".")):  # parents before their children
+        model.set_submodule(name, plan[name])
+    return model
+
+
+def _check_state_dict(
+    expected: dict[str, Shape],
+    current: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool,
+) -> None:
+    if strict:
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"the saved tensors do not match the model's: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}"
+            )
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"saved entry {key!r} is a {type(value).__name__}, expected a tensor")
+        if key in expected and tuple(value.shape) != expected[key]:
+            raise ValueError(
+                f"saved tensor {key!r} has shape {list(value.shape)}, but the saved widths imply "
+                f"{list(expected[key])}"
+            )
+        if key in current and value.is_floating_point() != current[key].is_floating_point():
+            raise ValueError(
+                f"saved tensor {key!r} has dtype {value.dtype}, the model's is {current[key].dtype}"
+            )
