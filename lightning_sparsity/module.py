@@ -1,0 +1,184 @@
+"""A small image-classification LightningModule for the reference models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_sparsity.models import available_models, build_model
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+LR_SCHEDULES = ("none", "cosine", "step")
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy classification of any network, with top-1 accuracy from torchmetrics.
+
+    The network is ``self.model``; the sparsity callbacks and the export act on it.
+
+    Args:
+        model: a network, or a :func:`~lightning_sparsity.models.build_model` name
+            (``"lenet5"``, ``"vgg16"``, ``"resnet20"``, ``"resnet56"``, ``"wrn-28-10"``...).
+        num_classes: number of classes (the output width of a model built by name).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"rmsprop"``.
+        lr: learning rate.
+        momentum: momentum of SGD and RMSProp (Adam keeps its default betas).
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 weight decay, on every parameter.
+        lr_schedule: ``"none"``; ``"cosine"`` (annealed to 0 over the whole run, per step); or
+            ``"step"`` (multiplied by ``gamma`` at each epoch in ``milestones``).
+        milestones: epochs of the ``"step"`` schedule.
+        gamma: factor of the ``"step"`` schedule.
+        model_kwargs: extra arguments of ``build_model`` (e.g. ``{"dropout": 0.3}``).
+
+    Logged: ``train/loss`` (per step), ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``,
+    ``test/acc`` (per epoch).
+
+    Raises:
+        ValueError: an unknown model, optimizer or schedule name, or an out-of-range number.
+        TypeError: ``model`` is neither an ``nn.Module`` nor a string.
+
+    Example::
+
+        >>> module = ClassificationModule("lenet5", optimizer="adam", lr=1e-3)
+        >>> module(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str = "lenet5",
+        num_classes: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "none",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.milestones = list(milestones or [])
+        self.gamma = gamma
+        self._validate(model, num_classes)
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if isinstance(model, str):
+            model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        self.model = model
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _validate(self, model: Any, num_classes: int) -> None:
+        def fail(arg: str, value: Any, rule: str, hint: str = "") -> ValueError:
+            return ValueError(
+                f"`ClassificationModule({arg}={value!r})`: expected {rule}, got {value!r}.{hint}"
+            )
+
+        if not isinstance(model, (nn.Module, str)):
+            raise TypeError(
+                f"`ClassificationModule(model={model!r})`: expected an nn.Module or a model name "
+                f"{available_models()}, got {type(model).__name__}."
+            )
+        if num_classes < 1:
+            raise fail("num_classes", num_classes, "`num_classes` >= 1")
+        if self.optimizer_name not in OPTIMIZERS:
+            raise fail("optimizer", self.optimizer_name, f"one of {list(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise fail("lr", self.lr, "`lr` > 0")
+        if not 0 <= self.momentum < 1:
+            raise fail("momentum", self.momentum, "0 <= `momentum` < 1")
+        if self.weight_decay < 0:
+            raise fail("weight_decay", self.weight_decay, "`weight_decay` >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise fail("lr_schedule", self.lr_schedule, f"one of {list(LR_SCHEDULES)}")
+        if self.lr_schedule == "step" and (
+            not self.milestones
+            or any(m < 1 for m in self.milestones)
+            or self.milestones != sorted(set(self.milestones))
+        ):
+            raise fail(
+                "milestones",
+                self.milestones,
+                "increasing positive epochs for `lr_schedule='step'`",
+                " HINT: e.g. `milestones=[40, 80, 120, 160]`.",
+            )
+        if not 0 < self.gamma <= 1:
+            raise fail("gamma", self.gamma, "0 < `gamma` <= 1")
+        if self.nesterov and (self.optimizer_name != "sgd" or self.momentum == 0):
+            raise fail(
+                "nesterov",
+                self.nesterov,
+                "`nesterov=True` only with `optimizer='sgd'` and `momentum` > 0",
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits, y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        loss, logits, y = self._step(batch)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._step(batch)
+        self.val_acc(logits, y)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._step(batch)
+        self.test_acc(logits, y)
+        self.log("test/loss", loss)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        params = self.parameters()
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(
+                params,
+                lr=self.lr,
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+                weight_decay=self.weight_decay,
+            )
+        elif self.optimizer_name == "adam":
+            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.RMSprop(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        if self.lr_schedule == "none":
+            return optimizer
+        if self.lr_schedule == "cosine":
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": cosine, "interval": "step"},
+            }
+        step = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, gamma=self.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "interval": "epoch"}}
