@@ -1,0 +1,153 @@
+"""Pieces shared by the regularizer, proximal and splitting callbacks (private).
+
+Which network the callbacks act on, strengths given as a float or an epoch schedule, the selected
+weights with their granularities, the NaN check and the optimizer lookups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sparsity.functional.groups import check_granularity, check_weight
+from lightning_sparsity.selection import LayerSpec, select_layers
+
+#: A strength: a float >= 0 or a schedule ``epoch -> float``.
+Strength = float | Callable[[int], float]
+
+
+def describe(value: Any) -> Any:
+    """A run-independent description of an argument (callables by name, not by address)."""
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return value
+
+
+def resolve_network(module: nn.Module) -> nn.Module:
+    """The network inside a LightningModule: ``module.model`` when it is an ``nn.Module`` (the
+    layer names in ``layers=`` are then relative to it), else ``module`` itself."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def check_number(value: object, *, owner: str, arg: str, low: float = 0.0) -> float:
+    """A finite float >= ``low`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"`{owner}({arg}={value!r})`: expected `{arg}` to be a float, "
+            f"got {type(value).__name__}."
+        )
+    if not math.isfinite(value) or value < low:
+        raise ValueError(
+            f"`{owner}({arg}={value!r})`: expected `{arg}` finite and >= {low:g}, got {value!r}."
+        )
+    return float(value)
+
+
+def check_strength(value: object, *, owner: str, arg: str = "strength") -> Strength:
+    """Validate a strength: a finite float >= 0, or a callable schedule (checked when called)."""
+    if callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"`{owner}({arg}={value!r})`: expected `{arg}` to be a float >= 0 or a schedule "
+            f"`epoch -> float`, got {type(value).__name__}."
+        )
+    return check_number(value, owner=owner, arg=arg)
+
+
+def strength_at(strength: Strength, epoch: int, *, owner: str, arg: str = "strength") -> float:
+    """The strength for ``epoch``; a schedule's value is validated like a float."""
+    if not callable(strength):
+        return float(strength)
+    value = strength(epoch)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"`{owner}({arg}={describe(strength)})`: the schedule returned {value!r} at epoch "
+            f"{epoch}, expected a float >= 0."
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"`{owner}({arg}={describe(strength)})`: expected the schedule's value finite and "
+            f">= 0, got {value!r} at epoch {epoch}."
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One penalised weight: the layer's qualified name, the parameter and its granularity."""
+
+    name: str
+    param: nn.Parameter
+    granularity: str
+
+
+def select_targets(
+    module: nn.Module,
+    layers: LayerSpec,
+    granularity: str,
+    *,
+    owner: str,
+    linear_granularity: str | None = None,
+) -> list[Target]:
+    """The selected Conv/Linear weights with their granularity.
+
+    The output layer is skipped at "filter" granularity (its output units are the classes); a
+    "kernel" granularity on a Linear layer raises. ``linear_granularity`` overrides the granularity
+    of Linear layers.
+    """
+    network = resolve_network(module)
+    targets = []
+    for layer in select_layers(network, layers, owner=owner):
+        weight = getattr(layer.module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        gran = granularity
+        if isinstance(layer.module, nn.Linear) and linear_granularity is not None:
+            gran = linear_granularity
+        if gran == "filter" and layer.is_output:
+            continue
+        if gran == "kernel" and weight.dim() == 2:
+            raise ValueError(
+                f"`{owner}(granularity='kernel')`: layer {layer.name!r} is a Linear layer, whose "
+                "weight has no kh x kw kernel slices. HINT: select only convolutions, e.g. "
+                "`layers=lambda name, m: isinstance(m, torch.nn.Conv2d)`, or use 'weight'."
+            )
+        check_weight(weight, check_granularity(gran, owner=owner), owner=owner)
+        targets.append(Target(layer.name, weight, gran))
+    return targets
+
+
+def raise_if_nonfinite(values: Tensor, names: Sequence[str], *, owner: str, what: str) -> None:
+    """Raise naming the layers whose ``values`` (one per layer) are NaN or inf (one device sync)."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = [name for name, ok in zip(names, finite.tolist()) if not ok]
+    raise RuntimeError(
+        f"`{owner}`: {what} is NaN or inf in layer(s) {bad}; stopping before the weights are "
+        "corrupted. HINT: lower the learning rate or the strength, or clip gradients "
+        "(`Trainer(gradient_clip_val=...)`)."
+    )
+
+
+def optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ``id`` of every parameter an optimizer updates."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def no_targets_message(owner: str, granularity: str) -> str:
+    hint = (
+        " (at 'filter' granularity the output layer is skipped: its units are the classes)"
+        if granularity == "filter"
+        else ""
+    )
+    return f"`{owner}`: no layer selected{hint}; the callback does nothing."

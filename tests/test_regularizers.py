@@ -1,0 +1,307 @@
+"""The regularizer, proximal and splitting callbacks in a real Trainer.
+
+The gradient the optimizer sees is recorded inside ``optimizer.step`` (after Lightning's closure has
+run backward, the ``on_before_optimizer_step`` hooks and gradient clipping) and compared with a
+reference computed independently: the data gradient by autograd on the recorded weights and
+batches, the penalty gradient by autograd on the single-tensor functional penalties.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sparsity import SparsityRegularizer
+from lightning_sparsity.functional.penalties import PENALTIES
+
+NUM_BATCHES = 4
+BATCH = 8
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(NUM_BATCHES * BATCH, 1, 8, 8, generator=g)
+    y = torch.randint(0, 5, (NUM_BATCHES * BATCH,), generator=g)
+    return TensorDataset(x, y)
+
+
+def make_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5)
+    )
+
+
+class Recorder:
+    """Wraps an optimizer's ``step``: records the gradients and weights it sees, and which
+    training batches contributed since the previous step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.batches: list[int] = []
+        self._since = 0
+
+    def wrap(self, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> None:
+        original = optimizer.step
+
+        def step(closure: Callable[[], Any] | None = None) -> Any:
+            loss = closure() if closure is not None else None
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self.steps.append(
+                {
+                    "grads": {names[id(p)]: p.grad.detach().clone() for p in params},
+                    "weights": {names[id(p)]: p.detach().clone() for p in params},
+                    "batches": self.batches[self._since :],
+                }
+            )
+            self._since = len(self.batches)
+            original()
+            return loss
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+
+class Net(pl.LightningModule):
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05) -> None:
+        super().__init__()
+        self.model = make_net()
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.recorder = Recorder()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.recorder.batches.append(batch_idx)
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(), batch_size=BATCH, shuffle=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        opt: torch.optim.Optimizer
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        elif self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.lr, amsgrad=True)
+        elif self.optimizer_name == "rmsprop":
+            opt = torch.optim.RMSprop(params, lr=self.lr)
+        elif self.optimizer_name == "rmsprop_centered":
+            opt = torch.optim.RMSprop(params, lr=self.lr, centered=True, momentum=0.5)
+        elif self.optimizer_name == "lbfgs":
+            opt = torch.optim.LBFGS(params, lr=self.lr)
+        else:
+            raise AssertionError(self.optimizer_name)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.recorder.wrap(opt, names)
+        return opt
+
+
+def fit(
+    callbacks: list[pl.Callback], module: Net | None = None, tmp_path: Path | None = None, **kw: Any
+) -> Net:
+    module = module or Net()
+    options: dict[str, Any] = {
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "default_root_dir": tmp_path,
+    }
+    options.update(kw)
+    pl.Trainer(callbacks=callbacks, **options).fit(module)
+    return module
+
+
+def data_grads(step: dict[str, Any], accumulate: int, bf16: bool) -> dict[str, Tensor]:
+    """Autograd of the mean-over-accumulation cross-entropy at the recorded weights."""
+    net = make_net()
+    net.load_state_dict(step["weights"])
+    data = dataset()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for b in step["batches"]:
+        x, y = data[b * BATCH : (b + 1) * BATCH]
+        with ctx:
+            loss = F.cross_entropy(net(x), y) / accumulate
+        loss.backward()
+    return {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+
+def penalty_grad(name: str, weight: Tensor, **options: Any) -> Tensor:
+    w = weight.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(PENALTIES[name](w, **options), w)
+    return grad
+
+
+# ---------------------------------------------------------------- SparsityRegularizer
+
+
+@pytest.mark.parametrize(
+    ("penalty", "options", "trainer_kw"),
+    [
+        ("group_lasso", {}, {}),
+        ("l1_l2", {}, {"accumulate_grad_batches": 2}),
+        ("capped_l1", {"cap": 1.0}, {"precision": "bf16-mixed"}),
+        ("l1", {}, {"accumulate_grad_batches": 2, "precision": "bf16-mixed"}),
+    ],
+)
+def test_optimizer_sees_data_plus_penalty_gradient(
+    penalty: str, options: dict[str, Any], trainer_kw: dict[str, Any]
+) -> None:
+    strength = 0.3
+    module = fit([SparsityRegularizer(penalty, strength, **options)], **trainer_kw)
+    accumulate = trainer_kw.get("accumulate_grad_batches", 1)
+    bf16 = trainer_kw.get("precision") == "bf16-mixed"
+    steps = module.recorder.steps
+    assert len(steps) == NUM_BATCHES // accumulate
+    assert all(len(s["batches"]) == accumulate for s in steps)
+    for step in steps:
+        expected = data_grads(step, accumulate, bf16)
+        for name in ("0.weight", "2.weight"):  # the convolutions, penalised
+            w = step["weights"][name]
+            assert w.dtype == torch.float32  # float32 master weights also under bf16-mixed
+            kwargs = {} if penalty == "l1" else {"granularity": "filter", **options}
+            expected[name] = expected[name] + strength * penalty_grad(penalty, w, **kwargs)
+        # the output layer (5) is skipped at filter granularity; biases are never penalised
+        for name, grad in step["grads"].items():
+            tol = {"atol": 1e-2, "rtol": 1e-2} if bf16 else {"atol": 1e-6, "rtol": 1e-5}
+            torch.testing.assert_close(grad, expected[name], **tol, msg=name)
+
+
+def test_clipping_applies_after_the_penalty() -> None:
+    strength, clip = 0.5, 0.05
+    module = fit([SparsityRegularizer("group_lasso", strength)], gradient_clip_val=clip)
+    for step in module.recorder.steps:
+        total = data_grads(step, 1, False)
+        for name in ("0.weight", "2.weight"):
+            total[name] = total[name] + strength * penalty_grad(
+                "group_lasso", step["weights"][name]
+            )
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in total.values()]))
+        assert norm > 2 * clip  # clipping is active
+        scale = clip / (norm + 1e-6)
+        for name, grad in step["grads"].items():
+            torch.testing.assert_close(grad, total[name] * scale, atol=1e-6, rtol=1e-4, msg=name)
+        seen = torch.linalg.vector_norm(torch.stack([g.norm() for g in step["grads"].values()]))
+        assert math.isclose(float(seen), clip, rel_tol=1e-4)
+
+
+def test_zero_strength_schedule_and_logging(tmp_path: Path) -> None:
+    schedule_calls: list[int] = []
+
+    def schedule(epoch: int) -> float:
+        schedule_calls.append(epoch)
+        return 0.0 if epoch == 0 else 0.1
+
+    reg = SparsityRegularizer("l1_l2", schedule, granularity="channel")
+    module = fit([reg], max_epochs=2, logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1)
+    assert 0 in schedule_calls and 1 in schedule_calls
+    first, later = module.recorder.steps[0], module.recorder.steps[-1]
+    # (layer 0 has a single input channel: l1/l2 of one group is constant, its gradient 0)
+    torch.testing.assert_close(first["grads"]["2.weight"], data_grads(first, 1, False)["2.weight"])
+    assert not torch.allclose(later["grads"]["2.weight"], data_grads(later, 1, False)["2.weight"])
+    logged = (Path(module.trainer.logger.log_dir) / "metrics.csv").read_text()  # type: ignore[union-attr]
+    assert "sparsity/penalty/l1_l2" in logged
+
+
+def test_penalty_method_and_callable_penalty() -> None:
+    net_module = Net()
+    reg = SparsityRegularizer("group_lasso", 0.5)
+    expected = 0.5 * sum(
+        PENALTIES["group_lasso"](net_module.model[i].weight)
+        for i in (0, 2)  # type: ignore[index]
+    )
+    torch.testing.assert_close(reg.penalty(net_module), expected)
+    # a callable penalty goes through autograd: weight -> 0.5 * sum(w^2) has gradient w
+    module = fit([SparsityRegularizer(lambda w: 0.5 * w.square().sum(), 2.0, "weight")])
+    step = module.recorder.steps[0]
+    ref = data_grads(step, 1, False)
+    for name in ("0.weight", "2.weight", "5.weight"):  # "weight" granularity keeps the output layer
+        torch.testing.assert_close(step["grads"][name], ref[name] + 2.0 * step["weights"][name])
+
+
+def test_penalty_in_the_loss_while_attached_raises() -> None:
+    reg = SparsityRegularizer("l1", 0.1)
+
+    class Double(Net):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            return super().training_step(batch, batch_idx) + reg.penalty(self)
+
+    with pytest.raises(RuntimeError, match="count twice"):
+        fit([reg], module=Double())
+
+
+def test_nan_penalty_raises_naming_the_layer() -> None:
+    class Poisoned(Net):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 1:
+                with torch.no_grad():
+                    self.model[2].weight[0, 0, 0, 0] = float("nan")  # type: ignore[index]
+
+    with pytest.raises(RuntimeError, match=r"NaN or inf in layer\(s\) \['2'\]"):
+        fit([SparsityRegularizer("group_lasso", 0.1)], module=Poisoned())
+
+
+def test_regularizer_misconfiguration() -> None:
+    with pytest.raises(
+        ValueError, match=r"expected `penalty` in \['bn_scale_l1'.*ProximalSparsity"
+    ):
+        SparsityRegularizer("l0", 0.1)
+    with pytest.raises(ValueError, match=r"expected `strength` finite and >= 0, got -0.1"):
+        SparsityRegularizer("l1", -0.1)
+    with pytest.raises(ValueError, match=r"expected `strength` finite and >= 0, got nan"):
+        SparsityRegularizer("l1", float("nan"))
+    with pytest.raises(TypeError, match=r"expected `strength` to be a float >= 0 or a schedule"):
+        SparsityRegularizer("l1", "0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"granularity='filters'.*\['filter', 'channel'"):
+        SparsityRegularizer("l1", 0.1, granularity="filters")
+    with pytest.raises(ValueError, match=r"expected a `cap` >= 0"):
+        SparsityRegularizer("capped_l1", 0.1)
+    with pytest.raises(ValueError, match=r"`cap` applies only to penalty='capped_l1'"):
+        SparsityRegularizer("l1", 0.1, cap=1.0)
+    with pytest.raises(ValueError, match=r"layer '5' is a Linear layer.*no kh x kw"):
+        fit([SparsityRegularizer("group_lasso", 0.1, granularity="kernel")])
+    with pytest.raises(ValueError, match=r"no module named 'conv9'.*Available.*'0', '2', '5'"):
+        fit([SparsityRegularizer("group_lasso", 0.1, layers=["conv9"])])
+    with pytest.raises(ValueError, match=r"schedule's value finite and >= 0, got -1.0 at epoch 0"):
+        fit([SparsityRegularizer("l1", lambda epoch: -1.0)])
+
+
+def test_bn_scale_l1_targets_the_batchnorm_scales() -> None:
+    class BNNet(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(
+                nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)
+            )
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            opt = torch.optim.SGD(self.model.parameters(), lr=0.0)
+            self.recorder.wrap(opt, {id(p): n for n, p in self.model.named_parameters()})
+            return opt
+
+    with_reg = fit(
+        [SparsityRegularizer("bn_scale_l1", 0.25)], module=BNNet(), limit_train_batches=1
+    )
+    torch.manual_seed(0)
+    without = fit([], module=BNNet(), limit_train_batches=1)
+    a, b = with_reg.recorder.steps[0]["grads"], without.recorder.steps[0]["grads"]
+    gamma = with_reg.recorder.steps[0]["weights"]["1.weight"]
+    torch.testing.assert_close(a["1.weight"], b["1.weight"] + 0.25 * gamma.sign())
+    torch.testing.assert_close(a["0.weight"], b["0.weight"])
