@@ -35,9 +35,10 @@ class Net(nn.Module):
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.0) -> None:
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.0, attr: str = "model") -> None:
         super().__init__()
-        self.net = Net()
+        self.attr = attr
+        setattr(self, attr, Net())
         self.optimizer = optimizer
         self.lr = lr
         generator = torch.Generator().manual_seed(1)
@@ -47,7 +48,7 @@ class Tiny(pl.LightningModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return getattr(self, self.attr)(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -94,36 +95,45 @@ def set_norms(layer: nn.Module, norms: list[float]) -> None:
 
 def test_absolute_threshold_known_answer(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
-    set_norms(model.net.conv2, [1.0, 0.09, 3.0, 0.11, 0.5, 1e-4])
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
+    set_norms(model.model.conv2, [1.0, 0.09, 3.0, 0.11, 0.5, 1e-4])
     cb = FilterThresholding(threshold=0.1)
     make_trainer(tmp_path, [cb]).fit(model)
     # the output layer is never thresholded
-    assert set(cb.masks) == {"net.conv1", "net.conv2"}
-    assert cb.masks["net.conv1"].tolist() == [False, True, False, True]
-    assert cb.masks["net.conv2"].tolist() == [True, False, True, True, True, False]
+    assert set(cb.masks) == {"conv1", "conv2"}
+    assert cb.masks["conv1"].tolist() == [False, True, False, True]
+    assert cb.masks["conv2"].tolist() == [True, False, True, True, True, False]
     assert cb.rounds == 1
+
+
+def test_layer_names_are_relative_to_the_module_without_a_model_attribute(tmp_path: Path) -> None:
+    model = Tiny(attr="net")
+    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
+    cb = FilterThresholding(threshold=0.1, layers=["net.conv1"])
+    make_trainer(tmp_path, [cb]).fit(model)
+    assert cb.masks == {"net.conv1": cb.masks["net.conv1"]}
+    assert cb.masks["net.conv1"].tolist() == [False, True, False, True]
 
 
 def test_norm_of_the_threshold_is_selectable(tmp_path: Path) -> None:
     model = Tiny()
     with torch.no_grad():
-        model.net.conv1.weight.zero_()
-        model.net.conv1.weight[0, 0, 0, 0] = 0.2  # l2 0.2, mean_abs 0.2 / 9
-        model.net.conv1.weight[1] = 0.05  # l2 0.15, mean_abs 0.05
-        model.net.conv1.weight[2] = 1.0
-        model.net.conv1.weight[3] = 1.0
-    cb = FilterThresholding(threshold=0.03, norm="mean_abs", layers=["net.conv1"])
+        model.model.conv1.weight.zero_()
+        model.model.conv1.weight[0, 0, 0, 0] = 0.2  # l2 0.2, mean_abs 0.2 / 9
+        model.model.conv1.weight[1] = 0.05  # l2 0.15, mean_abs 0.05
+        model.model.conv1.weight[2] = 1.0
+        model.model.conv1.weight[3] = 1.0
+    cb = FilterThresholding(threshold=0.03, norm="mean_abs", layers=["conv1"])
     make_trainer(tmp_path, [cb]).fit(model)
-    assert cb.masks["net.conv1"].tolist() == [False, True, True, True]
+    assert cb.masks["conv1"].tolist() == [False, True, True, True]
 
 
 def test_relative_threshold(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
-    cb = FilterThresholding(threshold=0.5, relative=True, layers=["net.conv1"])
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
+    cb = FilterThresholding(threshold=0.5, relative=True, layers=["conv1"])
     make_trainer(tmp_path, [cb]).fit(model)
-    assert cb.masks["net.conv1"].tolist() == [False, True, False, False]
+    assert cb.masks["conv1"].tolist() == [False, True, False, False]
 
 
 class Probe(pl.Callback):
@@ -138,7 +148,7 @@ class Probe(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.at_start = {k: v.clone() for k, v in self.thresholding.masks.items()}
-        self.weights_at_start = pl_module.net.conv1.weight.detach().clone()
+        self.weights_at_start = pl_module.model.conv1.weight.detach().clone()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.live.append({k: int(v.sum()) for k, v in self.thresholding.masks.items()})
@@ -147,13 +157,13 @@ class Probe(pl.Callback):
 
 def test_fraction_criterion_kills_the_lowest_live_filters_per_round(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv2, [1.0, 0.2, 3.0, 0.4, 0.5, 0.1])
-    cb = FilterThresholding(criterion="l2", fraction=0.5, layers=["net.conv2"])
+    set_norms(model.model.conv2, [1.0, 0.2, 3.0, 0.4, 0.5, 0.1])
+    cb = FilterThresholding(criterion="l2", fraction=0.5, layers=["conv2"])
     probe = Probe(cb)
     make_trainer(tmp_path, [cb, probe], max_epochs=3).fit(model)
     # 6 live -> floor(3.0) killed: 0.1, 0.2, 0.4; then floor(1.5) = 1: 0.5; then floor(1.0) = 1: 1.0
-    assert [p["net.conv2"] for p in probe.live] == [3, 2, 1]
-    assert cb.masks["net.conv2"].tolist() == [False, False, True, False, False, False]
+    assert [p["conv2"] for p in probe.live] == [3, 2, 1]
+    assert cb.masks["conv2"].tolist() == [False, False, True, False, False, False]
 
 
 def test_capped_l1_criterion_differs_from_l1(tmp_path: Path) -> None:
@@ -161,26 +171,26 @@ def test_capped_l1_criterion_differs_from_l1(tmp_path: Path) -> None:
     # filter 1; the capped term (cap 0.05: 0.05 vs 1.2) makes filter 0 the least significant.
     model = Tiny()
     with torch.no_grad():
-        weight = model.net.conv2.weight
+        weight = model.model.conv2.weight
         weight.fill_(1.0)
         weight[0].zero_()
         weight[0, 0, 0, 0] = 1.3
         weight[1] = 1.2 / weight[1].numel()
-    cb_l1 = FilterThresholding(criterion="l1", fraction=0.2, layers=["net.conv2"])
+    cb_l1 = FilterThresholding(criterion="l1", fraction=0.2, layers=["conv2"])
     make_trainer(tmp_path, [cb_l1]).fit(model)
-    assert cb_l1.masks["net.conv2"].tolist() == [True, False, True, True, True, True]
+    assert cb_l1.masks["conv2"].tolist() == [True, False, True, True, True, True]
 
     model = Tiny()
     with torch.no_grad():
-        model.net.conv2.weight.fill_(1.0)
-        model.net.conv2.weight[0].zero_()
-        model.net.conv2.weight[0, 0, 0, 0] = 1.3
-        model.net.conv2.weight[1] = 1.2 / model.net.conv2.weight[1].numel()
+        model.model.conv2.weight.fill_(1.0)
+        model.model.conv2.weight[0].zero_()
+        model.model.conv2.weight[0, 0, 0, 0] = 1.3
+        model.model.conv2.weight[1] = 1.2 / model.model.conv2.weight[1].numel()
     cb_kumar = FilterThresholding(
-        criterion="l1_capped_l1", fraction=0.2, cap=0.05, layers=["net.conv2"]
+        criterion="l1_capped_l1", fraction=0.2, cap=0.05, layers=["conv2"]
     )
     make_trainer(tmp_path, [cb_kumar]).fit(model)
-    assert cb_kumar.masks["net.conv2"].tolist() == [False, True, True, True, True, True]
+    assert cb_kumar.masks["conv2"].tolist() == [False, True, True, True, True, True]
 
 
 def test_callable_criterion_and_schedule(tmp_path: Path) -> None:
@@ -190,29 +200,29 @@ def test_callable_criterion_and_schedule(tmp_path: Path) -> None:
         return torch.arange(weight.shape[0], dtype=torch.float)
 
     cb = FilterThresholding(
-        criterion=by_index, fraction=0.3, every_n_epochs=2, start_epoch=1, layers=["net.conv2"]
+        criterion=by_index, fraction=0.3, every_n_epochs=2, start_epoch=1, layers=["conv2"]
     )
     probe = Probe(cb)
     make_trainer(tmp_path, [cb, probe], max_epochs=5).fit(model)
     # rounds at the ends of epochs 1 and 3: 6 -> 5 (floor 1.8) -> 4 (floor 1.5)
     assert probe.rounds == [0, 1, 1, 2, 2]
-    assert [p["net.conv2"] for p in probe.live] == [6, 5, 5, 4, 4]
-    assert cb.masks["net.conv2"].tolist() == [False, False, True, True, True, True]
+    assert [p["conv2"] for p in probe.live] == [6, 5, 5, 4, 4]
+    assert cb.masks["conv2"].tolist() == [False, False, True, True, True, True]
 
 
 def test_killed_channel_emits_exactly_zero_through_batchnorm(tmp_path: Path) -> None:
     model = Tiny(lr=0.1)
     with torch.no_grad():  # a non-trivial BatchNorm scale and shift, and a conv bias
-        model.net.bn1.weight.fill_(1.5)
-        model.net.bn1.bias.fill_(0.7)
-        model.net.conv1.bias.fill_(0.3)
+        model.model.bn1.weight.fill_(1.5)
+        model.model.bn1.bias.fill_(0.7)
+        model.model.conv1.bias.fill_(0.3)
     # kill the 2 weakest conv1 filters after epoch 0, then train one more epoch
-    cb = FilterThresholding(criterion="l2", fraction=0.5, max_rounds=1, layers=["net.conv1"])
+    cb = FilterThresholding(criterion="l2", fraction=0.5, max_rounds=1, layers=["conv1"])
     make_trainer(tmp_path, [cb], max_epochs=2).fit(model)
-    dead = (~cb.masks["net.conv1"]).nonzero().flatten().tolist()
-    live = cb.masks["net.conv1"].nonzero().flatten().tolist()
+    dead = (~cb.masks["conv1"]).nonzero().flatten().tolist()
+    live = cb.masks["conv1"].nonzero().flatten().tolist()
     assert len(dead) == 2
-    net = model.net
+    net = model.model
     for param in (net.conv1.weight, net.conv1.bias, net.bn1.weight, net.bn1.bias):
         assert torch.count_nonzero(param.detach()[dead]) == 0
     outputs: list[torch.Tensor] = []
@@ -241,10 +251,10 @@ def test_dead_filters_stay_dead_and_optimizer_state_is_zeroed(
     )
     trainer.fit(model)
     assert cb.rounds == 1
-    net = model.net
+    net = model.model
     groups = {
-        "net.conv1": [net.conv1.weight, net.conv1.bias, net.bn1.weight, net.bn1.bias],
-        "net.conv2": [net.conv2.weight, net.conv2.bias],
+        "conv1": [net.conv1.weight, net.conv1.bias, net.bn1.weight, net.bn1.bias],
+        "conv2": [net.conv2.weight, net.conv2.bias],
     }
     state = trainer.optimizers[0].state
     checked = 0
@@ -265,23 +275,21 @@ def test_dead_filters_stay_dead_and_optimizer_state_is_zeroed(
 
 def test_min_filters_keeps_the_strongest_with_a_warning(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
-    cb = FilterThresholding(threshold=100.0, min_filters=2, layers=["net.conv1"])
-    with pytest.warns(
-        UserWarning, match=r"'net.conv1' with 0 live filters; keeping the 2 strongest"
-    ):
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
+    cb = FilterThresholding(threshold=100.0, min_filters=2, layers=["conv1"])
+    with pytest.warns(UserWarning, match=r"'conv1' with 0 live filters; keeping the 2 strongest"):
         make_trainer(tmp_path, [cb]).fit(model)
-    assert cb.masks["net.conv1"].tolist() == [False, True, False, True]
+    assert cb.masks["conv1"].tolist() == [False, True, False, True]
 
 
 def test_state_dict_round_trip_is_plain_data(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
     cb = FilterThresholding(threshold=0.1)
     make_trainer(tmp_path, [cb]).fit(model)
     torch.save(cb.state_dict(), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert state["masks"]["net.conv1"] == [False, True, False, True]
+    assert state["masks"]["conv1"] == [False, True, False, True]
     other = FilterThresholding(threshold=0.1)
     other.load_state_dict(state)
     assert other.rounds == 1
@@ -293,7 +301,7 @@ def test_state_dict_round_trip_is_plain_data(tmp_path: Path) -> None:
 
 def test_resume_from_checkpoint_restores_and_reapplies_masks(tmp_path: Path) -> None:
     model = Tiny()
-    set_norms(model.net.conv1, [0.01, 5.0, 0.05, 2.0])
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
     cb = FilterThresholding(threshold=0.1, max_rounds=1)
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(model)
@@ -301,14 +309,14 @@ def test_resume_from_checkpoint_restores_and_reapplies_masks(tmp_path: Path) -> 
     trainer.save_checkpoint(ckpt)
     # corrupt the dead filter in the checkpoint: the resumed run must zero it again
     checkpoint = torch.load(ckpt, weights_only=False)
-    assert torch.count_nonzero(checkpoint["state_dict"]["net.conv1.weight"][0]) == 0
-    checkpoint["state_dict"]["net.conv1.weight"][0] = 1.0
+    assert torch.count_nonzero(checkpoint["state_dict"]["model.conv1.weight"][0]) == 0
+    checkpoint["state_dict"]["model.conv1.weight"][0] = 1.0
     torch.save(checkpoint, ckpt)
 
     resumed = FilterThresholding(threshold=0.1, max_rounds=1)
     probe = Probe(resumed)
     make_trainer(tmp_path, [resumed, probe], max_epochs=2).fit(Tiny(), ckpt_path=ckpt)
-    assert probe.at_start["net.conv1"].tolist() == [False, True, False, True]
+    assert probe.at_start["conv1"].tolist() == [False, True, False, True]
     assert probe.weights_at_start is not None
     assert torch.count_nonzero(probe.weights_at_start[[0, 2]]) == 0
     assert resumed.rounds == 1  # max_rounds reached before the resume: no new round
@@ -317,17 +325,17 @@ def test_resume_from_checkpoint_restores_and_reapplies_masks(tmp_path: Path) -> 
 def test_nan_weights_raise_naming_the_layer(tmp_path: Path) -> None:
     model = Tiny()
     with torch.no_grad():
-        model.net.conv2.weight[3, 0, 0, 0] = float("nan")
-    cb = FilterThresholding(threshold=0.1, layers=["net.conv2"])
-    with pytest.raises(RuntimeError, match=r"layer 'net.conv2' has NaN or inf weights"):
+        model.model.conv2.weight[3, 0, 0, 0] = float("nan")
+    cb = FilterThresholding(threshold=0.1, layers=["conv2"])
+    with pytest.raises(RuntimeError, match=r"layer 'conv2' has NaN or inf weights"):
         make_trainer(tmp_path, [cb]).fit(model)
 
 
 def test_naming_the_output_layer_warns_and_skips_it(tmp_path: Path) -> None:
-    cb = FilterThresholding(threshold=0.1, layers=["net.conv1", "net.fc"])
-    with pytest.warns(UserWarning, match=r"skipping the output layer\(s\) \['net.fc'\]"):
+    cb = FilterThresholding(threshold=0.1, layers=["conv1", "fc"])
+    with pytest.warns(UserWarning, match=r"skipping the output layer\(s\) \['fc'\]"):
         make_trainer(tmp_path, [cb]).fit(Tiny())
-    assert set(cb.masks) == {"net.conv1"}
+    assert set(cb.masks) == {"conv1"}
 
 
 @pytest.mark.parametrize(
@@ -362,11 +370,11 @@ def test_bad_argument_types() -> None:
 
 
 def test_bad_layer_and_min_filters_fail_at_setup(tmp_path: Path) -> None:
-    cb = FilterThresholding(threshold=0.1, layers=["net.conv9"])
-    with pytest.raises(ValueError, match=r"no module named 'net.conv9'.*Available.*'net.conv1'"):
+    cb = FilterThresholding(threshold=0.1, layers=["conv9"])
+    with pytest.raises(ValueError, match=r"no module named 'conv9'.*Available.*'conv1'"):
         make_trainer(tmp_path, [cb]).fit(Tiny())
     cb = FilterThresholding(threshold=0.1, min_filters=5)
-    with pytest.raises(ValueError, match=r"`min_filters` <= .* 'net.conv1' has 4"):
+    with pytest.raises(ValueError, match=r"`min_filters` <= .* 'conv1' has 4"):
         make_trainer(tmp_path, [cb]).fit(Tiny())
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_sparsity.callbacks._common import describe, resolve_network
 from lightning_sparsity.callbacks._masks import (
     FilterGroup,
     build_groups,
@@ -24,13 +25,6 @@ from lightning_sparsity.selection import LayerSpec, select_layers
 
 Criterion = Callable[[Tensor], Tensor]
 CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_capped_l1")
-
-
-def _describe(value: Any) -> Any:
-    """A run-independent description (callables by name, not address) for the state key."""
-    if callable(value):
-        return getattr(value, "__qualname__", type(value).__qualname__)
-    return value
 
 
 class FilterThresholding(Callback):
@@ -69,8 +63,9 @@ class FilterThresholding(Callback):
         min_filters: never leave a layer with fewer live filters (>= 1); the strongest are kept,
             with a warning.
         max_rounds: stop after this many rounds (``None``: no limit).
-        layers: which layers (see :func:`~lightning_sparsity.select_layers`); the output layer is
-            always skipped.
+        layers: which layers (see :func:`~lightning_sparsity.select_layers`), names relative to
+            ``pl_module.model`` when the LightningModule has one; the output layer is always
+            skipped.
 
     Raises:
         ValueError: a negative ``threshold``, ``fraction`` outside ``[0, 1)``, an unknown ``norm``
@@ -129,7 +124,7 @@ class FilterThresholding(Callback):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(threshold={self.threshold!r}, norm={self.norm!r}, "
-            f"relative={self.relative!r}, criterion={_describe(self.criterion)!r}, "
+            f"relative={self.relative!r}, criterion={describe(self.criterion)!r}, "
             f"fraction={self.fraction!r})"
         )
 
@@ -171,7 +166,7 @@ class FilterThresholding(Callback):
         if (c is None) != (f is None):
             raise ValueError(
                 f"{self._err('fraction', f)} `criterion` and `fraction` go together, got "
-                f"criterion={_describe(c)!r}. HINT: `criterion='l1', fraction=0.1` kills the "
+                f"criterion={describe(c)!r}. HINT: `criterion='l1', fraction=0.1` kills the "
                 "10% lowest-L1 live filters per round."
             )
         if t is None and c is None:
@@ -200,16 +195,17 @@ class FilterThresholding(Callback):
             threshold=self.threshold,
             norm=self.norm,
             relative=self.relative,
-            criterion=_describe(self.criterion),
+            criterion=describe(self.criterion),
             fraction=self.fraction,
-            layers=_describe(self.layers),
+            layers=describe(self.layers),
         )
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        selected = select_layers(pl_module, self.layers, owner="FilterThresholding")
+        network = resolve_network(pl_module)
+        selected = select_layers(network, self.layers, owner="FilterThresholding")
         skipped = [layer.name for layer in selected if layer.is_output]
         if skipped and self.layers is not None:
             rank_zero_warn(
@@ -219,7 +215,7 @@ class FilterThresholding(Callback):
         names = [layer.name for layer in selected if not layer.is_output]
         if not names:
             rank_zero_warn("`FilterThresholding`: no layer to threshold (only output layers).")
-        self._groups = build_groups(pl_module, names, owner="FilterThresholding")
+        self._groups = build_groups(network, names, owner="FilterThresholding")
         for name, group in self._groups.items():
             if self.min_filters > group.out_features:
                 raise ValueError(
@@ -313,7 +309,7 @@ class FilterThresholding(Callback):
         scores = torch.as_tensor(c(weight.detach())).float().flatten()
         if scores.shape != (weight.shape[0],):
             raise ValueError(
-                f"`FilterThresholding(criterion={_describe(c)!r})`: expected the criterion to "
+                f"`FilterThresholding(criterion={describe(c)!r})`: expected the criterion to "
                 f"return {weight.shape[0]} scores (one per filter), got shape "
                 f"{tuple(scores.shape)}."
             )
