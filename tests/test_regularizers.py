@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparsity import SparsityRegularizer
+from lightning_sparsity import ProximalSparsity, SparsityRegularizer
 from lightning_sparsity.functional.penalties import PENALTIES
 
 NUM_BATCHES = 4
@@ -65,6 +65,14 @@ class Recorder:
             )
             self._since = len(self.batches)
             original()
+            self.steps[-1]["after"] = {names[id(p)]: p.detach().clone() for p in params}
+            self.steps[-1]["state"] = {
+                names[id(p)]: {
+                    k: v.clone() if isinstance(v, Tensor) else v
+                    for k, v in optimizer.state[p].items()
+                }
+                for p in params
+            }
             return loss
 
         optimizer.step = step  # type: ignore[method-assign]
@@ -305,3 +313,118 @@ def test_bn_scale_l1_targets_the_batchnorm_scales() -> None:
     gamma = with_reg.recorder.steps[0]["weights"]["1.weight"]
     torch.testing.assert_close(a["1.weight"], b["1.weight"] + 0.25 * gamma.sign())
     torch.testing.assert_close(a["0.weight"], b["0.weight"])
+
+
+# ---------------------------------------------------------------- ProximalSparsity
+
+
+class AfterBatch(pl.Callback):
+    """Records the weights at every ``on_train_batch_end`` (placed after the tested callback)."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.weights.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+
+def _eta(optimizer: str, lr: float, state: dict[str, Any]) -> Tensor | float:
+    """The per-coordinate step size of the step just taken, written out per optimizer."""
+    if optimizer == "sgd":
+        return lr
+    if optimizer == "rmsprop":
+        return lr / (state["square_avg"].sqrt() + 1e-8)
+    if optimizer == "rmsprop_centered":
+        return lr / ((state["square_avg"] - state["grad_avg"] ** 2).sqrt() + 1e-8)
+    v = state["max_exp_avg_sq"] if optimizer == "adamw" else state["exp_avg_sq"]
+    return lr / ((v / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8)
+
+
+def _dims(granularity: str) -> tuple[int, ...]:
+    return {"filter": (1, 2, 3), "channel": (0, 2, 3), "weight": ()}[granularity]
+
+
+def _expected_prox(z: Tensor, eta: Tensor | float, lam: float, norm: str, gran: str) -> Tensor:
+    """The maps of REFERENCES.md written out (group soft with a scalar eta only)."""
+    eta = torch.as_tensor(eta).expand_as(z)
+    dims = _dims(gran)
+    if norm == "l0":
+        score = z.square() / (2 * eta)
+        score = score.sum(dims, keepdim=True) if dims else score
+        return z * (score > lam)
+    if not dims:
+        return z.sign() * (z.abs() - eta * lam).clamp_min(0)
+    assert eta.unique().numel() == 1  # only the scalar form has a closed form here
+    norms = torch.linalg.vector_norm(z, dim=dims, keepdim=True)
+    return z * (1 - eta * lam / norms).clamp_min(0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "norm", "gran", "lam"),
+    [
+        ("sgd", 0.05, "l1", "filter", 3.0),
+        ("rmsprop", 1e-3, "l0", "filter", 0.2),
+        ("adamw", 1e-3, "l0", "weight", 0.01),
+        ("rmsprop_centered", 1e-3, "l1", "weight", 0.1),
+        ("adam", 1e-3, "l0", "channel", 1.0),
+    ],
+)
+def test_proximal_map_in_the_optimizer_metric(
+    optimizer: str, lr: float, norm: str, gran: str, lam: float
+) -> None:
+    probe = AfterBatch()
+    module = fit([ProximalSparsity(lam, norm, gran), probe], module=Net(optimizer, lr))
+    zeroed = kept = 0
+    for step, final in zip(module.recorder.steps, probe.weights):
+        for name in ("0.weight", "2.weight"):
+            z, state = step["after"][name], step["state"][name]
+            expected = _expected_prox(z, _eta(optimizer, lr, state), lam, norm, gran)
+            torch.testing.assert_close(final[name], expected, atol=1e-7, rtol=1e-5, msg=name)
+            zeroed += int((expected == 0).sum()) - int((z == 0).sum())
+            kept += int((expected != 0).sum())
+        # the output layer (filter granularity) and the biases are untouched
+        for name in ("5.weight", "0.bias") if gran == "filter" else ("0.bias",):
+            assert torch.equal(final[name], step["after"][name])
+    assert zeroed > 0 and kept > 0  # the strengths give a mix: the test can fail both ways
+
+
+def test_proximal_group_soft_per_coordinate_and_exact_zeros() -> None:
+    from lightning_sparsity.functional.proximal import group_soft_threshold
+
+    probe = AfterBatch()
+    module = fit([ProximalSparsity(0.3, "l1", "filter"), probe], module=Net("rmsprop", 1e-3))
+    for step, final in zip(module.recorder.steps, probe.weights):
+        z = step["after"]["2.weight"]
+        eta = _eta("rmsprop", 1e-3, step["state"]["2.weight"])
+        assert isinstance(eta, Tensor) and eta.std() > 0  # really per-coordinate
+        torch.testing.assert_close(final["2.weight"], group_soft_threshold(z, eta * 0.3))
+    # filters set to exactly zero, the rest not
+    norms = module.model[2].weight.flatten(1).norm(dim=1)  # type: ignore[index]
+    assert 0 < int((norms == 0).sum()) < norms.numel()
+
+
+def test_proximal_runs_only_after_optimizer_steps() -> None:
+    probe = AfterBatch()
+    initial = make_net()
+    module = Net("sgd", 0.05)
+    module.model.load_state_dict(initial.state_dict())
+    fit([ProximalSparsity(0.5, "l1", "weight"), probe], module=module, accumulate_grad_batches=2)
+    assert len(module.recorder.steps) == 2
+    # batch 0 and 2 do not step: the soft threshold (not idempotent) must not run there
+    for name, w in initial.named_parameters():
+        assert torch.equal(probe.weights[0][name], w.detach())
+        assert torch.equal(probe.weights[2][name], probe.weights[1][name])
+    assert not torch.equal(probe.weights[1]["0.weight"], initial[0].weight.detach())  # type: ignore[index]
+
+
+def test_proximal_misconfiguration() -> None:
+    with pytest.raises(ValueError, match=r"expected `norm` in \['l0', 'l1'\], got 'l2'"):
+        ProximalSparsity(0.1, "l2")
+    with pytest.raises(ValueError, match=r"expected `metric` in \['auto', 'lr'\]"):
+        ProximalSparsity(0.1, metric="adam")
+    with pytest.raises(ValueError, match=r"`strength` finite and >= 0, got -1"):
+        ProximalSparsity(-1)
+    with pytest.raises(
+        TypeError, match=r"`LBFGS`.*supported: \['SGD', 'RMSprop', 'Adam'.*metric='lr'"
+    ):
+        fit([ProximalSparsity(0.1)], module=Net("lbfgs"))

@@ -1,0 +1,256 @@
+"""Proximal L0 / L1 steps after every optimizer step, in the optimizer's metric (ICCAIRO 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_sparsity.callbacks._common import (
+    Strength,
+    Target,
+    check_strength,
+    describe,
+    no_targets_message,
+    raise_if_nonfinite,
+    select_targets,
+    strength_at,
+)
+from lightning_sparsity.functional.groups import check_granularity, group_norms
+from lightning_sparsity.functional.proximal import group_hard_threshold, group_soft_threshold
+from lightning_sparsity.selection import LayerSpec
+
+_OWNER = "ProximalSparsity"
+NORMS: tuple[str, ...] = ("l0", "l1")
+METRICS: tuple[str, ...] = ("auto", "lr")
+#: Optimizers whose per-coordinate step ``metric="auto"`` reads (subclasses included).
+SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.RMSprop,
+    torch.optim.Adam,  # and AdamW, a subclass
+    torch.optim.Adagrad,
+)
+
+
+def step_denominator(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], state: dict[str, Any]
+) -> Tensor | None:
+    """``d`` with per-coordinate step ``eta = lr / d`` of the step the optimizer just took
+    (``None``: the plain ``lr``), read from its state after the step:
+
+    * SGD (any momentum): ``None``.
+    * RMSprop: ``sqrt(square_avg) + eps``; centered: ``sqrt(square_avg - grad_avg^2) + eps``.
+    * Adam / AdamW: ``sqrt(v / (1 - beta2^t)) + eps`` with ``v = exp_avg_sq`` (``max_exp_avg_sq``
+      with amsgrad) and ``t`` the step count: the metric of the bias-corrected update
+      ``lr * m_hat / (sqrt(v_hat) + eps)``; the first moment's correction ``1 / (1 - beta1^t)``
+      belongs to the gradient estimate ``m_hat``, not to the metric, and is left out.
+    * Adagrad: ``(sqrt(sum) + eps) * (1 + (t - 1) * lr_decay)``.
+
+    Raises:
+        RuntimeError: the state the optimizer should hold after a step is missing.
+    """
+
+    def need(key: str) -> Tensor:
+        if key not in state:
+            raise RuntimeError(
+                f"`{_OWNER}`: `{type(optimizer).__name__}` holds no {key!r} state for a parameter "
+                "it has just stepped, so its per-coordinate step size is unknown. HINT: use "
+                "`ProximalSparsity(metric='lr')` to take the plain learning rate as the step."
+            )
+        return state[key]
+
+    if isinstance(optimizer, torch.optim.RMSprop):
+        v = need("square_avg")
+        if group.get("centered", False):
+            v = v - need("grad_avg").square()
+        return v.sqrt().add_(group["eps"])
+    if isinstance(optimizer, torch.optim.Adam):
+        v = need("max_exp_avg_sq") if group.get("amsgrad", False) else need("exp_avg_sq")
+        correction = 1 - group["betas"][1] ** float(need("step"))
+        return (v / correction).sqrt_().add_(group["eps"])
+    if isinstance(optimizer, torch.optim.Adagrad):
+        decay = 1 + (float(need("step")) - 1) * group["lr_decay"]
+        return need("sum").sqrt().add_(group["eps"]).mul_(decay)
+    return None
+
+
+class ProximalSparsity(Callback):
+    """After every optimizer step, apply the proximal map of ``strength * R`` in the metric of the
+    step just taken (the ICCAIRO 2019 proximal RMSProp; L0 there beats L1).
+
+    With ``z`` the weights after the step and ``eta`` the per-coordinate step size
+    (:func:`step_denominator`: ``lr / (sqrt(v) + eps)`` from RMSprop's ``square_avg`` or Adam's
+    bias-corrected ``exp_avg_sq``, the plain ``lr`` for SGD), the maps are
+
+    ============ ================ =====================================================
+    ``norm``     ``granularity``  map
+    ============ ================ =====================================================
+    ``"l1"``     ``"weight"``     soft: ``sign(z) * max(|z| - eta * lambda, 0)``
+    ``"l0"``     ``"weight"``     hard: ``z * 1[z^2 / (2 eta) > lambda]``
+    ``"l1"``     a group          group soft, exact in the metric (see
+                                  :func:`~lightning_sparsity.functional.proximal.group_soft_threshold`)
+    ``"l0"``     a group          group hard: ``z_g * 1[sum_i z_i^2 / (2 eta_i) > lambda]``
+    ============ ================ =====================================================
+
+    so the groups it zeroes are *exactly* zero after every step. With gradient accumulation the map
+    runs only after batches where the optimizer stepped, with the learning rate that step used
+    (read in ``on_before_optimizer_step``, before a per-step LR scheduler moves it). Weights whose
+    gradient was ``None`` (not stepped) are left alone. Biases are not touched.
+
+    Args:
+        strength: ``lambda`` (>= 0) or a schedule ``epoch -> float``.
+        norm: ``"l0"`` (hard thresholds) or ``"l1"`` (soft thresholds).
+        granularity: ``"filter"``, ``"channel"``, ``"kernel"`` or ``"weight"``; at ``"filter"`` the
+            output layer is skipped.
+        layers: which layers (see :func:`~lightning_sparsity.select_layers`).
+        metric: ``"auto"`` reads the optimizer's per-coordinate step (SGD, RMSprop, Adam, AdamW,
+            Adagrad); ``"lr"`` uses the plain learning rate with any optimizer.
+        log_key: metric logged after each map: the fraction of the selected groups that are
+            non-zero.
+        check_finite: raise naming the layer when the stepped weights hold NaN or inf.
+
+    Raises:
+        ValueError: unknown ``norm``, ``granularity`` or ``metric``; negative or NaN strength;
+            ``"kernel"`` on a Linear layer; unknown layer names.
+        TypeError: an optimizer whose step size ``metric="auto"`` cannot read (the supported ones
+            are listed); arguments of the wrong type.
+        RuntimeError: missing optimizer state after a step; NaN/inf weights.
+
+    Example::
+
+        >>> from lightning_sparsity import ProximalSparsity
+        >>> prox = ProximalSparsity(strength=1e-4, norm="l0", granularity="filter")
+        >>> # with configure_optimizers returning torch.optim.RMSprop(...)
+
+    Hooks used:
+        ``setup`` (select layers), ``on_train_start`` (check the optimizers),
+        ``on_train_epoch_start`` (evaluate the strength), ``on_before_optimizer_step`` (note which
+        weights step and their learning rate), ``on_train_batch_end`` (apply the map, log).
+    """
+
+    def __init__(
+        self,
+        strength: Strength,
+        norm: str = "l0",
+        granularity: str = "filter",
+        layers: LayerSpec = None,
+        *,
+        metric: str = "auto",
+        log_key: str = "sparsity/proximal/nonzero_fraction",
+        check_finite: bool = True,
+    ) -> None:
+        self.strength = strength
+        self.norm = norm
+        self.granularity = granularity
+        self.layers = layers
+        self.metric = metric
+        self.log_key = log_key
+        self.check_finite = check_finite
+        self._validate()
+        self._targets: list[Target] = []
+        self._current = 0.0
+        # (target, optimizer, param group, lr used by the step) noted before each step
+        self._pending: list[tuple[Target, torch.optim.Optimizer, dict[str, Any], float]] = []
+        self._groups: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+
+    def _validate(self) -> None:
+        self.strength = check_strength(self.strength, owner=_OWNER)
+        for arg, choices in (("norm", NORMS), ("metric", METRICS)):
+            value = getattr(self, arg)
+            if value not in choices:
+                hint = " HINT: the L1 of groups is `norm='l1'`." if value == "group_lasso" else ""
+                raise ValueError(
+                    f"`{_OWNER}({arg}={value!r})`: expected `{arg}` in {list(choices)}, "
+                    f"got {value!r}.{hint}"
+                )
+        check_granularity(self.granularity, owner=_OWNER)
+
+    def __repr__(self) -> str:
+        return (
+            f"{_OWNER}(strength={describe(self.strength)!r}, norm={self.norm!r}, "
+            f"granularity={self.granularity!r})"
+        )
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            norm=self.norm, granularity=self.granularity, layers=describe(self.layers)
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._targets = select_targets(pl_module, self.layers, self.granularity, owner=_OWNER)
+        if not self._targets:
+            rank_zero_warn(no_targets_message(_OWNER, self.granularity))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
+        self._groups = {}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self._groups[id(p)] = (optimizer, group)
+        for t in self._targets:
+            found = self._groups.get(id(t.param))
+            if found is None:
+                rank_zero_warn(
+                    f"`{_OWNER}`: the weight of layer {t.name!r} is in no optimizer; it is skipped."
+                )
+            elif self.metric == "auto" and not isinstance(found[0], SUPPORTED_OPTIMIZERS):
+                names = [c.__name__ for c in SUPPORTED_OPTIMIZERS] + ["AdamW"]
+                raise TypeError(
+                    f"`{_OWNER}(metric='auto')`: cannot read the per-coordinate step size of "
+                    f"`{type(found[0]).__name__}` (layer {t.name!r}); supported: {names}. HINT: "
+                    "`ProximalSparsity(metric='lr')` uses the plain learning rate as the step."
+                )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        for t in self._targets:
+            found = self._groups.get(id(t.param))
+            if found is not None and found[0] is optimizer and t.param.grad is not None:
+                self._pending.append((t, optimizer, found[1], float(found[1]["lr"])))
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        pending, self._pending = self._pending, []
+        if not pending or self._current == 0:
+            return
+        with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
+            weights = [t.param.detach() for t, *_ in pending]
+            if self.check_finite:
+                values = torch.stack(torch._foreach_norm(weights, 1))
+                names = [t.name for t, *_ in pending]
+                raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
+            alive, total = [], 0
+            for (t, optimizer, group, lr), z in zip(pending, weights):
+                d = None
+                if self.metric == "auto":
+                    d = step_denominator(optimizer, group, optimizer.state[t.param])
+                eta: float | Tensor = lr if d is None else lr / d
+                if self.norm == "l1":
+                    new = group_soft_threshold(z, eta * self._current, t.granularity)
+                else:
+                    thr = (2 * self._current * eta) ** 0.5
+                    new = group_hard_threshold(z, thr, t.granularity)
+                z.copy_(new)
+                norms = group_norms(z, t.granularity)
+                alive.append((norms > 0).sum())
+                total += norms.numel()
+        pl_module.log(self.log_key, torch.stack(alive).sum() / total, on_step=True, on_epoch=False)
