@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparsity import ProximalSparsity, SparsityRegularizer
+from lightning_sparsity import ProximalSparsity, SparsityRegularizer, VariableSplitting
 from lightning_sparsity.functional.penalties import PENALTIES
 
 NUM_BATCHES = 4
@@ -428,3 +428,106 @@ def test_proximal_misconfiguration() -> None:
         TypeError, match=r"`LBFGS`.*supported: \['SGD', 'RMSprop', 'Adam'.*metric='lr'"
     ):
         fit([ProximalSparsity(0.1)], module=Net("lbfgs"))
+
+
+# ---------------------------------------------------------------- VariableSplitting
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_splitting_gradient_and_u_update(accumulate: int) -> None:
+    lam, beta, n = 0.01, 2.0, 10.0
+    thr = math.sqrt(2 * lam / beta)  # 0.1: splits the initial weights
+    split = VariableSplitting(lam, beta, linear_granularity="channel", divide_by=n)
+    module = fit([split], accumulate_grad_batches=accumulate, max_epochs=2)
+    assert len(module.recorder.steps) == 2 * NUM_BATCHES // accumulate
+    for step in module.recorder.steps:
+        expected = data_grads(step, accumulate, False)
+        for name, gran in (("0.weight", "filter"), ("2.weight", "filter"), ("5.weight", "channel")):
+            w = step["weights"][name]
+            u = w * (w.abs() > thr)  # U from the weights after the previous step
+            assert 0 < int((u == 0).sum()) < u.numel()
+            gl = penalty_grad("group_lasso", w, granularity=gran, scale_by_size=True)
+            expected[name] = expected[name] + (beta * (w - u) + lam * gl) / n
+        for name, grad in step["grads"].items():
+            torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    # final projection: W = U, whose small weights are exactly zero
+    for name in ("0", "2", "5"):
+        w = module.model.get_submodule(name).weight.detach()
+        torch.testing.assert_close(split.U[name], w, rtol=0, atol=0)
+        assert bool(((w == 0) | (w.abs() > thr)).all()) and int((w == 0).sum()) > 0
+
+
+def test_splitting_beta_grows_on_schedule() -> None:
+    split = VariableSplitting(0.01, 1.0, beta_growth=2.0, growth_every_n_epochs=2)
+    betas: list[float] = []
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            betas.append(split.beta)
+
+    fit([split, Probe()], max_epochs=5, limit_train_batches=1)
+    assert betas == [1.0, 1.0, 2.0, 2.0, 4.0]
+    assert split.growth_epoch == 4
+
+
+def test_splitting_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    def split(beta: float = 1.0) -> VariableSplitting:
+        return VariableSplitting(0.02, beta, beta_growth=1.5, growth_every_n_epochs=1)
+
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = split()
+    torch.manual_seed(0)
+    fit([first, ckpt_cb], max_epochs=2, enable_checkpointing=True, tmp_path=tmp_path)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
+    assert saved["beta"] == pytest.approx(1.5) and saved["growth_epoch"] == 1
+    assert set(saved["U"]) == {"0", "2"}  # the output layer is skipped at filter granularity
+    for name, u in saved["U"].items():
+        torch.testing.assert_close(u, first.U[name], rtol=0, atol=0)
+
+    # resume with a different initial beta: the checkpoint's state wins
+    resumed = split(beta=99.0)
+    seen: dict[str, Any] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            seen.update(beta=resumed.beta, U={k: v.clone() for k, v in resumed.U.items()})
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            seen["epoch_beta"] = resumed.beta
+
+    torch.manual_seed(0)
+    module = Net()
+    pl.Trainer(
+        callbacks=[resumed, Probe()],
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(module, ckpt_path=tmp_path / "last.ckpt")
+    assert seen["beta"] == pytest.approx(1.5)
+    assert seen["epoch_beta"] == pytest.approx(2.25)  # grown once more at epoch 2, not from 99
+    for name, u in saved["U"].items():
+        torch.testing.assert_close(seen["U"][name], u, rtol=0, atol=0)
+
+    # the resumed run ends where an uninterrupted 3-epoch run ends
+    torch.manual_seed(0)
+    straight = fit([split()], max_epochs=3)
+    for (name, a), b in zip(module.named_parameters(), straight.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_splitting_misconfiguration() -> None:
+    with pytest.raises(ValueError, match=r"expected `beta` > 0"):
+        VariableSplitting(0.1, beta=0.0)
+    with pytest.raises(ValueError, match=r"expected `beta_growth` finite and >= 1"):
+        VariableSplitting(0.1, beta=1.0, beta_growth=0.5)
+    with pytest.raises(ValueError, match=r"`growth_every_n_epochs` >= 1, got 0"):
+        VariableSplitting(0.1, beta=1.0, growth_every_n_epochs=0)
+    with pytest.raises(ValueError, match=r"expected `divide_by` > 0"):
+        VariableSplitting(0.1, beta=1.0, divide_by=0)
+    with pytest.raises(ValueError, match=r"expected `strength` finite and >= 0, got nan"):
+        VariableSplitting(float("nan"), beta=1.0)
+    with pytest.raises(ValueError, match=r"granularity='neuron'"):
+        VariableSplitting(0.1, beta=1.0, linear_granularity="neuron")
