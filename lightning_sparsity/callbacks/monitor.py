@@ -1,0 +1,289 @@
+"""Per-layer live-filter counts, density and the would-be pruned size, logged while training."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from lightning_sparsity.callbacks._common import resolve_network
+from lightning_sparsity.callbacks._masks import FilterGroup, build_groups, zero_filters
+from lightning_sparsity.functional.scores import NORMS, filter_norms
+from lightning_sparsity.pruning.export import prune_model
+from lightning_sparsity.selection import LayerSpec, select_layers
+
+
+def _count(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        model(*args)
+    return params, counter.get_total_flops() // 2
+
+
+def _log_step(trainer: pl.Trainer) -> int:
+    """The step index Lightning gives metrics logged now: that of the last optimizer step."""
+    return max(trainer.global_step - 1, 0)
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    """The input of a training batch: the batch itself, or its first element."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    return None
+
+
+class SparsityMonitor(Callback):
+    """Log how many filters each layer has left, and what the pruned model would cost.
+
+    A filter (output unit of a Conv/Linear layer, the output layer excepted) is *live* when its
+    ``norm`` is above ``tolerance`` (default 0: only an exactly-zero filter is dead). Logged at
+    every training-epoch end with ``pl_module.log`` (to every logger and into
+    ``trainer.callback_metrics``, at the step index Lightning gives epoch metrics such as
+    ``val/acc``: ``global_step - 1``), and every ``log_every_n_steps`` optimizer steps with
+    ``logger.log_metrics`` (same step numbering):
+
+    * ``sparsity/<layer>/filters``: live filters of the layer;
+    * ``sparsity/<layer>/density``: share of the layer's weights whose magnitude is > ``tolerance``;
+    * ``sparsity/filters``: live filters of all monitored layers;
+    * ``sparsity/params`` and ``sparsity/macs``: parameters and multiply-accumulates (one sample) of
+      the model :func:`~lightning_sparsity.prune_model` would export once the dead filters are
+      removed, counted by :func:`~lightning_sparsity.size_report` (``torch.utils.flop_counter``) on
+      a copy whose dead filters (with their bias and BatchNorm scale/shift) are zeroed.
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, from global rank
+    zero, a custom-scalars layout (tab "CUSTOM SCALARS": one chart with every layer's filter
+    count, one with the densities, one each for params and MACs) and, per epoch, a histogram
+    ``sparsity/<layer>/filter_norms``. Put it after :class:`FilterThresholding` in the callback
+    list so that an epoch's counts include that epoch's kills.
+
+    Args:
+        tolerance: a filter is live when its norm is > ``tolerance`` (>= 0).
+        log_every_n_steps: also log every this many optimizer steps (``None``: epoch ends only).
+        histograms: write the filter-norm histograms (TensorBoard only).
+        layers: which layers (see :func:`~lightning_sparsity.select_layers`), names relative to
+            ``pl_module.model`` when the LightningModule has one; output layers are skipped.
+        example_inputs: one input sample (a tensor or a tuple of tensors) for the size count;
+            ``None`` takes the first sample of the first training batch.
+        norm: the filter norm compared with ``tolerance``: ``"l2"``, ``"l1"`` or ``"mean_abs"``.
+
+    Raises:
+        ValueError: a negative ``tolerance``, ``log_every_n_steps`` < 1, an unknown ``norm`` or
+            layer name.
+        RuntimeError: a Trainer without a logger; a batch whose input cannot be found (pass
+            ``example_inputs``).
+
+    Example::
+
+        >>> from lightning_sparsity import SparsityMonitor
+        >>> monitor = SparsityMonitor(log_every_n_steps=100)
+        >>> monitor.tolerance, monitor.histograms
+        (0.0, True)
+
+    Hooks used:
+        ``setup`` (logger check, layer selection), ``on_train_start`` (custom-scalars layout),
+        ``on_train_batch_start`` (captures one example input), ``on_train_batch_end`` (step
+        logging), ``on_train_epoch_end`` (epoch logging, histograms). The model is only read.
+    """
+
+    def __init__(
+        self,
+        tolerance: float = 0.0,
+        log_every_n_steps: int | None = None,
+        histograms: bool = True,
+        layers: LayerSpec = None,
+        example_inputs: Tensor | tuple[Tensor, ...] | None = None,
+        norm: str = "l2",
+    ) -> None:
+        self.tolerance = tolerance
+        self.log_every_n_steps = log_every_n_steps
+        self.histograms = histograms
+        self.layers = layers
+        self.example_inputs = example_inputs
+        self.norm = norm
+        self._validate()
+        self._names: list[str] = []
+        self._bns: dict[str, str] = {}
+        self._example: Tensor | tuple[Tensor, ...] | None = None
+        self._last_global_step = -1
+
+    def _validate(self) -> None:
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"`SparsityMonitor(tolerance={t!r})`: expected a float.")
+        if not t >= 0:
+            raise ValueError(
+                f"`SparsityMonitor(tolerance={t!r})`: expected `tolerance` >= 0, got {t!r}."
+            )
+        n = self.log_every_n_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(
+                f"`SparsityMonitor(log_every_n_steps={n!r})`: expected an int >= 1 or None, "
+                f"got {n!r}."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(
+                f"`SparsityMonitor(norm={self.norm!r})`: expected `norm` in {list(NORMS)}, "
+                f"got {self.norm!r}."
+            )
+        ex = self.example_inputs
+        if ex is not None and not (
+            isinstance(ex, Tensor)
+            or (isinstance(ex, tuple) and all(isinstance(e, Tensor) for e in ex))
+        ):
+            raise TypeError(
+                "`SparsityMonitor(example_inputs=...)`: expected a tensor or a tuple of tensors, "
+                f"got {type(ex).__name__}."
+            )
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            raise RuntimeError(
+                "`SparsityMonitor`: the Trainer has no logger (`logger=False`), so there is "
+                "nowhere to log the sparsity curves. HINT: `Trainer(logger=TensorBoardLogger("
+                "'runs'))`, or remove the callback."
+            )
+        if stage != "fit":
+            return
+        network = resolve_network(pl_module)
+        selected = select_layers(network, self.layers, owner="SparsityMonitor")
+        self._names = [layer.name for layer in selected if not layer.is_output]
+        groups = build_groups(network, self._names, owner="SparsityMonitor")
+        self._bns = {name: self._bn_name(network, g) for name, g in groups.items() if g.bn}
+        if self.example_inputs is not None:
+            self._example = self.example_inputs
+
+    @staticmethod
+    def _bn_name(network: nn.Module, group: FilterGroup) -> str:
+        return next(name for name, m in network.named_modules() if m is group.bn)
+
+    def _tensorboards(self, trainer: pl.Trainer) -> list[TensorBoardLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+        if not trainer.is_global_zero or not self._names:
+            return
+
+        def chart(suffix: str) -> list[str]:
+            return [re.escape(f"sparsity/{name}/{suffix}") for name in self._names]
+
+        layout = {
+            "sparsity": {
+                "live filters per layer": ["Multiline", chart("filters")],
+                "weight density per layer": ["Multiline", chart("density")],
+                "live filters (total)": ["Multiline", [re.escape("sparsity/filters")]],
+                "pruned params": ["Multiline", [re.escape("sparsity/params")]],
+                "pruned MACs": ["Multiline", [re.escape("sparsity/macs")]],
+            }
+        }
+        for logger in self._tensorboards(trainer):
+            logger.experiment.add_custom_scalars(layout)
+
+    # ------------------------------------------------------------------ measuring
+    def _live(self, network: nn.Module) -> dict[str, Tensor]:
+        modules = dict(network.named_modules())
+        return {
+            name: filter_norms(modules[name].weight, self.norm).cpu()  # type: ignore[arg-type]
+            for name in self._names
+        }
+
+    def measure(self, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """The metrics (key -> value) and each layer's filter norms, from the current weights."""
+        network = resolve_network(pl_module)
+        modules = dict(network.named_modules())
+        norms = self._live(network)
+        metrics: dict[str, float] = {}
+        total = 0
+        for name in self._names:
+            live = int((norms[name] > self.tolerance).sum())
+            weight = modules[name].weight.detach()
+            density = float((weight.abs() > self.tolerance).sum()) / weight.numel()
+            metrics[f"sparsity/{name}/filters"] = float(live)
+            metrics[f"sparsity/{name}/density"] = density
+            total += live
+        metrics["sparsity/filters"] = float(total)
+        if self._example is not None:
+            params, macs = self._pruned_size(network, norms)
+            metrics["sparsity/params"] = float(params)
+            metrics["sparsity/macs"] = float(macs)
+        return metrics, norms
+
+    def _example_on(self, device: torch.device) -> tuple[Tensor, ...]:
+        example = self._example
+        args = example if isinstance(example, tuple) else (example,)
+        return tuple(a.to(device) for a in args if a is not None)
+
+    @torch.no_grad()
+    def _pruned_size(self, network: nn.Module, norms: Mapping[str, Tensor]) -> tuple[int, int]:
+        # a copy whose dead filters emit exactly 0, pruned by the library's own export
+        pl_trainer = getattr(network, "_trainer", None)
+        memo = {id(pl_trainer): pl_trainer} if pl_trainer is not None else {}
+        clone = copy.deepcopy(network, memo).eval()
+        modules = dict(clone.named_modules())
+        any_dead = False
+        for name in self._names:
+            dead = (norms[name] <= self.tolerance).nonzero().flatten()
+            if dead.numel():
+                any_dead = True
+                bn = modules[self._bns[name]] if name in self._bns else None
+                zero_filters(FilterGroup(name, modules[name], bn), dead)
+        device = next((p.device for p in clone.parameters()), torch.device("cpu"))
+        args = self._example_on(device)
+        # nothing dead: the model is its own pruned version (prune_model refuses a no-op)
+        pruned = prune_model(clone, args, verify=False, allow_unchanged=True) if any_dead else clone
+        return _count(pruned, args)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example is not None:
+            return
+        inputs = _first_tensor(batch)
+        if inputs is None:
+            raise RuntimeError(
+                f"`SparsityMonitor`: cannot find the model input in a training batch of type "
+                f"{type(batch).__name__}. HINT: pass `example_inputs=` (one sample)."
+            )
+        self._example = inputs[:1].detach().clone()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        n = self.log_every_n_steps
+        step = trainer.global_step
+        if n is None or step == self._last_global_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_global_step = step
+        if step % n or batch_idx + 1 >= trainer.num_training_batches:
+            return  # not due, or the epoch end logs this step anyway
+        metrics, _ = self.measure(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=_log_step(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics, norms = self.measure(pl_module)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        if self.histograms and trainer.is_global_zero:
+            for logger in self._tensorboards(trainer):
+                for name, values in norms.items():
+                    logger.experiment.add_histogram(
+                        f"sparsity/{name}/filter_norms", values, global_step=_log_step(trainer)
+                    )
