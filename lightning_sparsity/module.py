@@ -10,16 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sparsity.checkpoint import PrunedCheckpointMixin
 from lightning_sparsity.models import available_models, build_model
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 LR_SCHEDULES = ("none", "cosine", "step")
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
     """Cross-entropy classification of any network, with top-1 accuracy from torchmetrics.
 
-    The network is ``self.model``; the sparsity callbacks and the export act on it.
+    The network is ``self.model``; the sparsity callbacks and the export act on it. Through
+    :class:`~lightning_sparsity.PrunedCheckpointMixin`, ``load_from_checkpoint`` also loads a
+    physically pruned checkpoint (``PrunedExport``'s ``"ckpt"``) of a model built by name, at its
+    pruned widths.
 
     Args:
         model: a network, or a :func:`~lightning_sparsity.models.build_model` name

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sparsity.checkpoint import save_pruned_checkpoint
 from lightning_sparsity.models import LeNet5Caffe
 from lightning_sparsity.module import ClassificationModule
 
@@ -76,6 +77,27 @@ def test_checkpoint_round_trip_rebuilds_named_model(tmp_path: Path) -> None:
     module.eval()
     torch.testing.assert_close(restored(x), module(x))
     assert restored.optimizer_name == "rmsprop"
+
+
+def test_pruned_checkpoint_loads_at_pruned_widths(tmp_path: Path) -> None:
+    module = ClassificationModule("lenet5", optimizer="adam", lr=1e-3).eval()
+    features = module.model.features
+    keep = torch.arange(0, 20, 2)  # conv1 keeps 10 of its 20 filters, by hand
+    conv1, conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 50, 5)
+    with torch.no_grad():
+        conv1.weight.copy_(features[0].weight[keep])
+        conv1.bias.copy_(features[0].bias[keep])
+        conv2.weight.copy_(features[3].weight[:, keep])
+        conv2.bias.copy_(features[3].bias)
+    features[0], features[3] = conv1, conv2
+    path = save_pruned_checkpoint(module, tmp_path / "pruned.ckpt")
+
+    restored = ClassificationModule.load_from_checkpoint(path).eval()
+    assert restored.model.features[0].out_channels == 10
+    assert restored.model.features[3].in_channels == 10
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(restored(x), module(x))
+    assert restored.hparams["optimizer"] == "adam"
 
 
 @pytest.mark.parametrize(
