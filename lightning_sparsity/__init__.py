@@ -34,22 +34,37 @@ _EXPORTS: dict[str, str] = {
     # models and the classification module
     "build_model": "lightning_sparsity.models",
     "LeNet5Caffe": "lightning_sparsity.models",
+    "VGG16CIFAR": "lightning_sparsity.models",
+    "ResNetCIFAR": "lightning_sparsity.models",
+    "WideResNet": "lightning_sparsity.models",
+    # datamodules (torchvision is imported only when one of these is used)
+    "MNISTDataModule": "lightning_sparsity.data",
+    "FashionMNISTDataModule": "lightning_sparsity.data",
+    "CIFAR10DataModule": "lightning_sparsity.data",
+    "build_datamodule": "lightning_sparsity.data",
     "ClassificationModule": "lightning_sparsity.module",
     # layer selection
     "select_layers": "lightning_sparsity.selection",
 }
 
 __all__ = [
+    "VGG16CIFAR",
+    "CIFAR10DataModule",
     "ClassificationModule",
+    "FashionMNISTDataModule",
     "FilterThresholding",
     "LeNet5Caffe",
+    "MNISTDataModule",
     "ProximalSparsity",
     "PruneReport",
     "PrunedCheckpointMixin",
     "PrunedExport",
+    "ResNetCIFAR",
     "SparsityMonitor",
     "SparsityRegularizer",
     "VariableSplitting",
+    "WideResNet",
+    "build_datamodule",
     "build_model",
     "load_pruned",
     "prune_model",
@@ -69,7 +84,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_sparsity.callbacks.splitting import VariableSplitting
     from lightning_sparsity.callbacks.thresholding import FilterThresholding
     from lightning_sparsity.checkpoint import PrunedCheckpointMixin, save_pruned_checkpoint
-    from lightning_sparsity.models import LeNet5Caffe, build_model
+    from lightning_sparsity.data import (
+        CIFAR10DataModule,
+        FashionMNISTDataModule,
+        MNISTDataModule,
+        build_datamodule,
+    )
+    from lightning_sparsity.models import (
+        VGG16CIFAR,
+        LeNet5Caffe,
+        ResNetCIFAR,
+        WideResNet,
+        build_model,
+    )
     from lightning_sparsity.module import ClassificationModule
     from lightning_sparsity.pruning.deploy import save_onnx, save_pt2
     from lightning_sparsity.pruning.export import prune_model
