@@ -49,7 +49,8 @@ class VisionDataModule(pl.LightningDataModule):
         cache_dir: where the archives of a read-only ``data_dir`` are copied to be unpacked.
 
     Raises:
-        ValueError: a negative or zero size, a ``val_size`` not smaller than the training set.
+        ValueError: a size below its minimum, a ``val_size`` not smaller than the training set.
+        TypeError: a size that is not an int.
         RuntimeError: the dataset is neither under ``data_dir`` nor downloadable (the message
             says where it was looked for and how to provide it).
     """
