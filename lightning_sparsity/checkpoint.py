@@ -10,6 +10,7 @@ runs too late).
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,45 @@ class PrunedCheckpointMixin(pl.LightningModule):
         Linear(in_features=4, out_features=3, bias=True)
     """
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint`` with ``torch.load(weights_only=True)`` unless
+        ``weights_only=False`` is passed explicitly (only for a file you trust): the environment
+        variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn the protection off. A file that
+        ``torch.load`` refuses (pickled code, truncated, not a checkpoint) raises a ValueError
+        naming it; no code from it ran."""
+        safe = True if weights_only is None else weights_only
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=safe,
+                **kwargs,
+            )
+        except Exception as err:
+            if not _raised_by_torch_load(err):
+                raise
+            text = str(err).strip()
+            reason = (text.splitlines()[-1] if "Weights only" in text else text.split("\n")[0])[
+                :300
+            ]
+            raise ValueError(
+                f"`{cls.__name__}.load_from_checkpoint({str(checkpoint_path)!r})`: "
+                f"`torch.load(weights_only={safe})` refused the file ({type(err).__name__}: "
+                f"{reason or 'empty'}). HINT: a truncated or foreign file, or one that would run "
+                "pickled code; it was not executed"
+            ) from err
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[WIDTHS_KEY] = describe_widths(self)
@@ -86,6 +126,16 @@ class PrunedCheckpointMixin(pl.LightningModule):
                     "with the hyper-parameters of the model that was pruned"
                 ) from err
         super().on_load_checkpoint(checkpoint)
+
+
+def _raised_by_torch_load(err: BaseException) -> bool:
+    """Whether ``err`` came out of ``torch.load`` (reading the file), not out of building or
+    loading the module afterwards."""
+    serialization = os.path.join("torch", "serialization.py")
+    return any(
+        frame.f_code.co_filename.endswith(serialization)
+        for frame, _ in traceback.walk_tb(err.__traceback__)
+    )
 
 
 def _plain_hparams(module: pl.LightningModule) -> dict[str, Any]:
