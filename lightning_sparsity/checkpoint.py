@@ -116,6 +116,12 @@ class PrunedCheckpointMixin(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         widths = checkpoint.get(WIDTHS_KEY)
+        if widths is not None and not isinstance(checkpoint.get("state_dict"), dict):
+            raise ValueError(
+                f"`{type(self).__name__}.load_from_checkpoint`: the checkpoint has pruned widths "
+                "but no 'state_dict' dict of tensors. The module was not modified. HINT: a "
+                "damaged or hand-edited file; export it again"
+            )
         if widths is not None:
             try:
                 reshape_to_widths(self, widths, checkpoint.get("state_dict", {}), strict=False)
