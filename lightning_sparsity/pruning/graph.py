@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections import deque
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 #: Layers whose output units ("filters") can be pruned.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -94,3 +96,46 @@ def batchnorm_after(model: nn.Module) -> dict[str, str]:
         if producer is not None and isinstance(producer, PRUNABLE_TYPES):
             candidates.setdefault(str(src.target), []).append(str(node.target))
     return {layer: bns[0] for layer, bns in candidates.items() if len(bns) == 1}
+
+
+def _first_layer(gm: fx.GraphModule) -> str:
+    """A description of the first layer reading the model input, for error messages."""
+    for node in gm.graph.nodes:
+        module = _module_of(gm, node)
+        if isinstance(module, (*PRUNABLE_TYPES, *BATCHNORM_TYPES)):
+            return f"its first layer `{node.target}` is `{module}`"
+    return "see the model's forward"
+
+
+def shape_trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> fx.GraphModule:
+    """Trace ``model`` and annotate every node with its output shape (``ShapeProp``).
+
+    The graph is traced in training mode, so that training-only branches (auxiliary heads, for
+    instance) are part of it; shapes are then propagated by running ``example_inputs`` in eval
+    mode without gradients (no BatchNorm statistics change). The model's training flags are
+    restored.
+
+    Raises:
+        TraceError: the model cannot be traced.
+        ValueError: the forward fails on ``example_inputs`` (wrong shape, dtype or device).
+    """
+    flags = {name: m.training for name, m in model.named_modules()}
+    try:
+        model.train()
+        gm = trace(model)
+        model.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*example_inputs)
+        except Exception as err:
+            got = [tuple(t.shape) for t in example_inputs]
+            raise ValueError(
+                f"`prune_model(example_inputs=...)`: expected inputs the model accepts "
+                f"({_first_layer(gm)}), got tensors of shape {got}: the forward failed with "
+                f"{type(err).__name__}: {err}. HINT: pass one batch shaped like the training data, "
+                "e.g. `torch.randn(1, 3, 32, 32)` for CIFAR images."
+            ) from err
+    finally:
+        for name, m in model.named_modules():
+            m.training = flags.get(name, m.training)
+    return gm
