@@ -1,0 +1,144 @@
+"""Markdown table and plot of ``lenet5_mnist.json`` (rebuilt from the whole file every time)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from common import fmt_int
+
+DENSE_PARAMS, DENSE_MACS = 431_080, 2_293_000
+
+
+def lenet_params(c1: int, c2: int, f: int, h: int) -> int:
+    """REFERENCES.md: params = 26*c1 + (25*c1+1)*c2 + (f+1)*h + 10*h + 10."""
+    return 26 * c1 + (25 * c1 + 1) * c2 + (f + 1) * h + 10 * h + 10
+
+
+def lenet_macs(c1: int, c2: int, f: int, h: int) -> int:
+    """REFERENCES.md: MACs = 14400*c1 + 1600*c1*c2 + f*h + 10*h."""
+    return 14400 * c1 + 1600 * c1 * c2 + f * h + 10 * h
+
+
+#: Published LeNet-5-Caffe rows (REFERENCES.md); params/MACs computed with its formulas.
+PUBLISHED: list[tuple[str, tuple[int, int, int, int] | None, float, str]] = [
+    ("SSL (Wen 2016) LeNet 2", None, 0.992, "conv 5-19, fc untouched: ~160K params"),
+    ("SSL / group lasso LeNet 3", (3, 12, 192, 500), 0.990, ""),
+    ("L0 (Louizos 2018)", (20, 25, 45, 462), 0.991, ""),
+    ("L0-sep (Louizos 2018)", (9, 18, 65, 25), 0.990, ""),
+    ("BC-GHS (Louizos 2017)", (5, 10, 76, 16), 0.990, ""),
+]
+
+#: Which rows are a paper's method (the ">= 99.0% with >= 90% removed" target applies to them).
+PAPERS = {"l1_l2", "l0_proximal", "l0_l21_splitting", "capped_l1"}
+BC_GHS_PARAMS = lenet_params(5, 10, 76, 16)
+
+
+def _targets(name: str, r: dict[str, Any]) -> str:
+    notes = []
+    if r["accuracy"] >= 0.99 and r["params"] < BC_GHS_PARAMS:
+        notes.append("< BC-GHS params at >= 99.0%: met")
+    if name in PAPERS:
+        ok = r["accuracy"] >= 0.99 and r["params_removed"] >= 0.90
+        notes.append(">= 99.0% and >= 90% removed: " + ("met" if ok else "MISSED"))
+    return "; ".join(notes)
+
+
+def table(data: dict[str, Any]) -> str:
+    """The markdown table: measured rows, then the published ones."""
+    methods = data.get("methods", {})
+    lines = [
+        "| method | paper / tool | kept conv1-conv2-fc1in-fc2in | test acc | params | removed "
+        "| MACs | train time | targets |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in methods.items():
+        w = r["widths"]
+        split = "" if r.get("eval_split") == "test" else f" ({r.get('eval_split')})"
+        quick = " (quick)" if r.get("quick") else ""
+        lines.append(
+            f"| {name}{quick} | {r.get('paper', '')} | {w['conv1']}-{w['conv2']}-{w['fc1_in']}-"
+            f"{w['fc2_in']} | {100 * r['accuracy']:.2f}%{split} | {fmt_int(r['params'])} | "
+            f"{100 * r['params_removed']:.1f}% | {fmt_int(r['macs'])} | "
+            f"{r['train_time_s'] / 60:.1f} min ({r['epochs']} ep) | {_targets(name, r)} |"
+        )
+    for label, widths, acc, note in PUBLISHED:
+        if widths is None:
+            lines.append(f"| *{label}* | published | {note} | {100 * acc:.1f}% | | | | | |")
+            continue
+        p, m = lenet_params(*widths), lenet_macs(*widths)
+        kept = "-".join(str(v) for v in widths)
+        lines.append(
+            f"| *{label}* | published | {kept} | {100 * acc:.1f}% | {fmt_int(p)} | "
+            f"{100 * (1 - p / DENSE_PARAMS):.1f}% | {fmt_int(m)} | | |"
+        )
+    return "\n".join(lines)
+
+
+def _meta_line(data: dict[str, Any]) -> str:
+    runs = [r for r in data.get("methods", {}).values()]
+    if not runs:
+        return ""
+    m = runs[-1]["machine"]
+    epochs = sorted({r["epochs"] for r in runs})
+    dates = sorted({r["machine"]["date"][:10] for r in runs})
+    return (
+        f"Measured on {m['cpu']} ({m['cpu_count']} cores shared with other jobs, "
+        f"torch threads {m['torch_threads']}), Python {m['python']}, torch {m['torch']}, "
+        f"torchvision {m['torchvision']}, Lightning {m['lightning']}; "
+        f"epochs per method: {', '.join(map(str, epochs))}; dates: {', '.join(dates)}. "
+        "Accuracy is that of the exported (physically pruned) model on the 10,000 MNIST test "
+        "images; the model was trained on 55,000 training images (5,000 held out for tuning)."
+    )
+
+
+def write(data: dict[str, Any], out: Path) -> None:
+    """Write ``lenet5_mnist.md`` and ``lenet5_mnist.png`` into ``out``."""
+    notes = data.get("notes", "")
+    md = (
+        "# LeNet-5-Caffe on MNIST\n\n"
+        + _meta_line(data)
+        + "\n\n"
+        + table(data)
+        + "\n\nPublished rows from ../shared/REFERENCES.md (params and MACs from its formulas; "
+        "BC-GHS = " + f"{BC_GHS_PARAMS} params).\n" + (f"\n{notes}\n" if notes else "")
+    )
+    (out / "lenet5_mnist.md").write_text(md)
+    with contextlib.suppress(ImportError):  # matplotlib is in the `bench` extra
+        _plot(data, out / "lenet5_mnist.png")
+
+
+def _plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = data.get("methods", {})
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    ax = axes[0]
+    for name, r in methods.items():
+        ax.scatter(r["params"], 100 * r["accuracy"], label=name)
+    for label, widths, acc, _ in PUBLISHED:
+        if widths is not None:
+            ax.scatter(lenet_params(*widths), 100 * acc, marker="x", color="k")
+            ax.annotate(label.split(" (")[0], (lenet_params(*widths), 100 * acc), fontsize=7)
+    ax.axhline(99.0, color="grey", lw=0.5, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters of the exported model (log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("LeNet-5-Caffe / MNIST")
+    ax.legend(fontsize=7)
+    for ax, layer, full in zip(axes[1:], ("conv1", "conv2", "fc1"), (20, 50, 500)):
+        for name, r in methods.items():
+            curve = r.get("curve", [])
+            ax.plot(
+                [0] + [c["epoch"] for c in curve], [full] + [c[layer] for c in curve], label=name
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"live {layer} filters")
+        ax.set_title(f"{layer} (of {full})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

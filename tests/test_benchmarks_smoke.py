@@ -1,0 +1,95 @@
+"""Each benchmark script runs end to end on a tiny budget (``--quick``) and writes its result files.
+
+The scripts are run in a subprocess, exactly as a user runs them, with ``--out`` pointing at a
+temporary folder so that the committed results are never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_lenet5_quick_dense_and_model_pruning(data_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    proc = _run(
+        "lenet5_mnist.py",
+        "--quick",
+        "--data_dir",
+        str(data_root),
+        "--out",
+        str(tmp_path),
+        "--method",
+        "dense",
+        "--method",
+        "lightning_model_pruning",
+    )
+    assert "full run" in proc.stdout  # the time estimate is printed
+    data = json.loads((tmp_path / "lenet5_mnist.json").read_text())
+    dense = data["methods"]["dense"]
+    assert dense["quick"] is True
+    assert dense["params"] == dense["dense_params"] == 431_080
+    assert dense["widths"] == {"conv1": 20, "conv2": 50, "fc1_in": 800, "fc2_in": 500}
+    assert 0.0 <= dense["accuracy"] <= 1.0
+    assert dense["curve"] and dense["curve"][0]["conv1"] == 20
+    masked = data["methods"]["lightning_model_pruning"]
+    # ModelPruning killed 80% of conv1/conv2/fc1 units after the only epoch: the export is smaller
+    assert masked["widths"]["conv1"] == 4 and masked["widths"]["conv2"] == 10
+    assert masked["params"] < dense["params"]
+    assert masked["curve"][-1]["conv1"] == 4
+    md = (tmp_path / "lenet5_mnist.md").read_text()
+    assert "| dense (quick) |" in md and "BC-GHS" in md
+    assert (tmp_path / "lenet5_mnist.png").stat().st_size > 0
+
+
+def test_lenet5_quick_torch_pruning(data_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch_pruning")
+    _run(
+        "lenet5_mnist.py",
+        "--quick",
+        "--data_dir",
+        str(data_root),
+        "--out",
+        str(tmp_path),
+        "--method",
+        "torch_pruning",
+        "--tp_target_params",
+        "20000",
+    )
+    record = json.loads((tmp_path / "lenet5_mnist.json").read_text())["methods"]["torch_pruning"]
+    assert record["params"] <= 20_000
+    assert record["torch_pruning"]["reached_params"] == record["params"]
+
+
+def test_export_speed_quick(tmp_path: Path) -> None:
+    _run("export_speed.py", "--quick", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "export_speed.json").read_text())
+    for name in ("vgg16", "resnet50"):
+        r = data["models"][name]
+        assert r["quick"] is True
+        assert r["params"]["pruned"] < r["params"]["dense"]
+        assert r["mac_reduction"] > 1.5  # half the filters of (nearly) every conv are gone
+        assert r["max_abs_output_diff"] < 1e-3  # the export is exact
+        assert r["eager_speedup"] > 0
+    assert data["models"]["vgg16"]["onnxruntime_speedup"] > 0
+    md = (tmp_path / "export_speed.md").read_text()
+    assert "| vgg16 |" in md and "| resnet50 |" in md
