@@ -131,10 +131,10 @@ class VisionDataModule(pl.LightningDataModule):
     def resolve_root(self) -> Path:
         """The torchvision root to use: ``data_dir``, or ``cache_dir`` when ``data_dir`` is
         read-only and not unpacked (its archives, if any, are copied there first)."""
-        root = Path(self.data_dir).expanduser().absolute()
+        root = Path(self.data_dir).expanduser().resolve()
         if self._ready(root) or _is_writable(self._write_dir(root)):
             return root
-        cache = Path(self.cache_dir).expanduser().absolute()
+        cache = Path(self.cache_dir).expanduser().resolve()
         archives = [path for path in self._archives(root) if path.is_file()]
         for src in archives:
             dest = cache / src.relative_to(root)
@@ -159,7 +159,7 @@ class VisionDataModule(pl.LightningDataModule):
     def _not_found(self, root: Path, err: Exception | None) -> RuntimeError:
         name = type(self).__name__
         looked = f"`{self._write_dir(root)}`"
-        given = Path(self.data_dir).expanduser().absolute()
+        given = Path(self.data_dir).expanduser().resolve()
         if root != given:
             looked += f" (`data_dir={str(given)!r}` is read-only, so its copy in `cache_dir`)"
         if err is None:

@@ -188,7 +188,7 @@ def test_read_only_data_dir_is_copied_to_the_cache(
     finally:
         for path in (shared, shared / "MNIST", shared / "MNIST" / "raw"):
             path.chmod(0o755)
-    assert root == cache.absolute()
+    assert root == cache.resolve()
     assert len(dm.test_set) == 10_000  # type: ignore[arg-type]
     assert sorted(p.name for p in (shared / "MNIST" / "raw").iterdir()) == before
     assert (cache / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
