@@ -1,0 +1,383 @@
+"""Export the physically pruned network at the end of training."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_sparsity.checkpoint import PrunedCheckpointMixin, pruned_checkpoint
+from lightning_sparsity.pruning.deploy import (
+    as_args,
+    assert_outputs_close,
+    missing_onnx_packages,
+    run_outputs,
+    save_onnx,
+    save_pt2,
+)
+from lightning_sparsity.pruning.serialization import (
+    atomic_write,
+    load_pruned,
+    read_checkpoint,
+    save_pruned,
+)
+
+#: format -> file suffix. "ckpt": Lightning checkpoint of the whole pruned LightningModule;
+#: "pt": `save_pruned` file of the pruned network; "pt2": torch.export program; "onnx": ONNX.
+FORMATS: dict[str, str] = {"ckpt": ".ckpt", "pt": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+_OWNER = "PrunedExport"
+
+
+class PrunedExport(Callback):
+    """At the end of training, remove every dead channel and write the smaller model.
+
+    On global rank zero (the other ranks wait, then all go on together): takes a CPU copy of the
+    network, prunes it with :func:`~lightning_sparsity.prune_model` (which verifies that its
+    outputs equal the trained network's on the example inputs), writes the chosen ``formats`` to
+    ``dirpath/filename.<suffix>`` atomically (temporary file, checked, then renamed: never a
+    half-written or unchecked file), and logs the size report. The trained LightningModule is not
+    changed.
+
+    Formats:
+
+    - ``"ckpt"``: a Lightning checkpoint of the whole pruned LightningModule (``state_dict``,
+      plain ``hyper_parameters``, ``pytorch-lightning_version``, ``pruned_widths``; no optimizer
+      state), opened by ``torch.load(weights_only=True)``. Load it with
+      ``MyModule.load_from_checkpoint(path)`` when ``MyModule`` mixes in
+      :class:`~lightning_sparsity.PrunedCheckpointMixin`, or ``load_pruned(path, MyModule(...))``;
+      fine-tune with ``trainer.fit(loaded)`` (a fresh optimizer: the moments of the trained,
+      wider model do not fit).
+    - ``"pt"``: :func:`~lightning_sparsity.save_pruned` of the pruned network:
+      ``load_pruned(path, build_the_network())``.
+    - ``"pt2"``: a ``torch.export`` program, ``torch.export.load(path).module()``, no model code.
+    - ``"onnx"``: ONNX (checked in ONNX Runtime), no model code.
+
+    Batch size is dynamic in ``pt2`` and ``onnx`` where the network allows it.
+
+    Args:
+        dirpath: output directory; default ``<trainer.log_dir>/pruned`` (``default_root_dir``
+            without a logger).
+        filename: file name without suffix.
+        formats: a non-empty subset of ``("ckpt", "pt", "pt2", "onnx")``.
+        example_inputs: a tensor or tuple of tensors the network takes (a couple of samples).
+            Default: ``pl_module.example_input_array``, else the first two samples of the first
+            training batch (its first element when the batch is a tuple or list).
+        submodule: the network to prune, a qualified name inside the LightningModule (``""``:
+            the LightningModule itself). Default: ``pl_module.model`` when it is an ``nn.Module``
+            (as for the other callbacks), else the LightningModule itself.
+        verify: check the pruned network against the trained one and every written file against
+            the pruned network (ONNX Runtime for ``onnx``).
+        rtol: relative tolerance of the checks.
+        atol: absolute tolerance of the checks.
+        dynamic_batch: export the batch dimension as dynamic (``pt2``, ``onnx``).
+        allow_unchanged: when no channel can be removed, export the unchanged network with a
+            warning instead of raising (``prune_model``'s ValueError, which says why each dead
+            channel had to stay).
+
+    Raises:
+        ValueError: an unknown or repeated format (the valid ones are listed), no format, a bad
+            ``filename``, negative tolerances, an unknown ``submodule``.
+        TypeError: arguments of the wrong type.
+        ModuleNotFoundError: at ``setup``, ``"onnx"`` requested but ``onnx``/``onnxscript`` (or
+            ``onnxruntime`` with ``verify``) not installed.
+        RuntimeError: at the end of training, no example inputs, or a failed check.
+        ValueError: at the end of training, nothing to prune (unless ``allow_unchanged``), or an
+            op the pruning cannot follow (see :func:`~lightning_sparsity.prune_model`). Errors at
+            the end are raised on every rank (a RuntimeError on the others), so no rank hangs.
+
+    Hooks used:
+
+    - ``setup``: checks the format dependencies and the network (warns when ``"ckpt"`` is
+      requested but the module lacks ``PrunedCheckpointMixin``).
+    - ``on_train_batch_start``: keeps two samples of the first batch when no example is given.
+    - ``on_train_end``: prunes a copy, writes the files, logs the report (``export/...``
+      metrics through ``trainer.loggers``, and the report as text on TensorBoard). It runs
+      before the Trainer's teardown, so the loggers and the process group are still up.
+
+    After fit: ``self.paths`` (format -> written path) and ``self.report`` (the
+    :class:`~lightning_sparsity.PruneReport`).
+
+    Example::
+
+        >>> export = PrunedExport(dirpath="exported", formats=("ckpt", "pt2"))
+        >>> export.formats
+        ('ckpt', 'pt2')
+        >>> PrunedExport(formats=("tflite",))
+        Traceback (most recent call last):
+        ...
+        ValueError: `PrunedExport(formats=('tflite',))`: expected formats among ['ckpt', 'pt', 'pt2', 'onnx'], got 'tflite'.
+    """  # noqa: E501
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] | None = None,
+        filename: str = "pruned",
+        formats: Sequence[str] = ("ckpt", "pt2", "onnx"),
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        submodule: str | None = None,
+        verify: bool = True,
+        rtol: float = 1e-4,
+        atol: float = 1e-5,
+        dynamic_batch: bool = True,
+        allow_unchanged: bool = False,
+    ) -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.formats = tuple(formats) if isinstance(formats, (list, tuple)) else formats
+        self.example_inputs = example_inputs
+        self.submodule = submodule
+        self.verify = verify
+        self.rtol = rtol
+        self.atol = atol
+        self.dynamic_batch = dynamic_batch
+        self.allow_unchanged = allow_unchanged
+        self._validate()
+        self._captured: tuple[torch.Tensor, ...] | None = None
+        self.paths: dict[str, Path] = {}
+        self.report: Any = None
+
+    def _validate(self) -> None:
+        def where(arg: str, value: Any) -> str:
+            return f"`{_OWNER}({arg}={value!r})`"
+
+        if self.dirpath is not None and not isinstance(self.dirpath, (str, os.PathLike)):
+            raise TypeError(f"{where('dirpath', self.dirpath)}: expected a path or None")
+        if not isinstance(self.filename, str):
+            raise TypeError(f"{where('filename', self.filename)}: expected a str")
+        if not self.filename or os.sep in self.filename or "/" in self.filename:
+            raise ValueError(
+                f"{where('filename', self.filename)}: expected a non-empty file name without "
+                f"directories, got {self.filename!r}. HINT: put the directory in `dirpath`"
+            )
+        if isinstance(self.formats, str) or not isinstance(self.formats, tuple):
+            raise TypeError(
+                f"{where('formats', self.formats)}: expected a tuple or list of format names, got "
+                f"{type(self.formats).__name__}. HINT: `formats=({self.formats!r},)`"
+            )
+        if not self.formats:
+            raise ValueError(
+                f"{where('formats', self.formats)}: expected at least one of {list(FORMATS)}, got "
+                "none. HINT: remove the callback to export nothing"
+            )
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise ValueError(
+                    f"{where('formats', self.formats)}: expected formats among {list(FORMATS)}, "
+                    f"got {fmt!r}."
+                )
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"{where('formats', self.formats)}: expected each format once")
+        if self.example_inputs is not None:
+            as_args(self.example_inputs, _OWNER)
+        if self.submodule is not None and not isinstance(self.submodule, str):
+            raise TypeError(f"{where('submodule', self.submodule)}: expected a str or None")
+        for arg in ("verify", "dynamic_batch", "allow_unchanged"):
+            if not isinstance(getattr(self, arg), bool):
+                raise TypeError(f"{where(arg, getattr(self, arg))}: expected a bool")
+        for arg in ("rtol", "atol"):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{where(arg, value)}: expected a float")
+            if not value >= 0:
+                raise ValueError(f"{where(arg, value)}: expected `{arg}` >= 0, got {value!r}.")
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if "onnx" in self.formats:
+            missing = missing_onnx_packages(verify=self.verify)
+            if missing:
+                raise ModuleNotFoundError(
+                    f"`{_OWNER}(formats={self.formats!r})`: the ONNX export needs {missing}, "
+                    'which are not installed. HINT: pip install "lightning-sparsity[export]", '
+                    "or drop 'onnx' from `formats`"
+                )
+        self._network_name(pl_module)
+        if "ckpt" in self.formats and not isinstance(pl_module, PrunedCheckpointMixin):
+            rank_zero_warn(
+                f"`{_OWNER}`: `{type(pl_module).__name__}` does not mix in "
+                "`PrunedCheckpointMixin`, so `load_from_checkpoint` cannot load the pruned .ckpt "
+                f"(`load_pruned(path, {type(pl_module).__name__}(...))` can). HINT: "
+                f"`class {type(pl_module).__name__}(PrunedCheckpointMixin, ...)`"
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._captured is not None or self.example_inputs is not None:
+            return
+        if getattr(pl_module, "example_input_array", None) is not None:
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and len(x) > 0:
+            x = x[:2].detach().to("cpu", copy=True)
+            self._captured = (torch.cat([x, x]) if len(x) == 1 else x,)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dirpath = Path(self.dirpath) if self.dirpath is not None else self._default_dir(trainer)
+        outcome: tuple[Any, ...] = ("ok", {}, None)
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                paths, report = self._export(trainer, pl_module, dirpath)
+                outcome = ("ok", paths, report)
+            except Exception as err:
+                error = err
+                outcome = ("error", f"{type(err).__name__}: {err}", None)
+        # a sync point: only rank 0 writes, nobody leaves before it is done, all fail together
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if error is not None:
+            raise error
+        if outcome[0] == "error":
+            raise RuntimeError(f"`{_OWNER}` failed on global rank 0: {outcome[1]}")
+        self.paths, self.report = outcome[1], outcome[2]
+
+    # ------------------------------------------------------------------ work
+    def _default_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / "pruned"  # log_dir: all ranks
+
+    def _network_name(self, pl_module: pl.LightningModule) -> str:
+        if self.submodule is None:
+            return "model" if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
+        try:
+            pl_module.get_submodule(self.submodule)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"`{_OWNER}(submodule={self.submodule!r})`: `{type(pl_module).__name__}` has no "
+                f"such submodule. Its children: {children}; '' is the LightningModule itself."
+            ) from None
+        return self.submodule
+
+    def _example(self, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
+        given = self.example_inputs
+        if given is None:
+            given = getattr(pl_module, "example_input_array", None)
+        if given is None:
+            given = self._captured
+        if given is None:
+            raise RuntimeError(
+                f"`{_OWNER}`: no example inputs: none given, no `example_input_array` on the "
+                "module, and no tensor in a training batch (no batch ran, or the batch is not a "
+                "tensor or a tuple/list starting with one). HINT: pass "
+                "`PrunedExport(example_inputs=torch.randn(2, ...))`"
+            )
+        return tuple(t.detach().to("cpu") for t in as_args(given, _OWNER))
+
+    def _export(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dirpath: Path
+    ) -> tuple[dict[str, Path], Any]:
+        from lightning_sparsity.pruning.export import prune_model
+        from lightning_sparsity.pruning.report import size_report
+
+        example = self._example(pl_module)
+        name = self._network_name(pl_module)
+        full = copy.deepcopy(pl_module).cpu().eval()  # the trained module is never touched
+        network = full.get_submodule(name)
+        pruned = prune_model(
+            network,
+            example,
+            verify=self.verify,
+            rtol=self.rtol,
+            atol=self.atol,
+            allow_unchanged=self.allow_unchanged,
+        )
+        pruned = pruned.cpu().eval()
+        report = size_report(network, pruned, example)
+        expected = run_outputs(pruned, example)
+        metadata = {"report": report.to_dict(), "network": name}
+        paths: dict[str, Path] = {}
+        for fmt in self.formats:
+            path = dirpath / f"{self.filename}{FORMATS[fmt]}"
+            if fmt == "ckpt":
+                module = full if name else pruned
+                if name:
+                    module.set_submodule(name, pruned)
+                if not isinstance(module, pl.LightningModule):
+                    raise RuntimeError(
+                        f"`{_OWNER}(formats=(..., 'ckpt'))`: pruning returned a "
+                        f"`{type(module).__name__}`, not a LightningModule. HINT: set "
+                        "`submodule=` to the network inside the LightningModule"
+                    )
+                paths[fmt] = self._write_ckpt(
+                    trainer, pl_module, module, name, example, path, metadata
+                )
+            elif fmt == "pt":
+                paths[fmt] = save_pruned(pruned, path, metadata=metadata)
+                if self.verify:
+                    loaded = load_pruned(path, copy.deepcopy(network))
+                    self._check(expected, run_outputs(loaded.eval(), example), path)
+            elif fmt == "pt2":
+                paths[fmt] = save_pt2(pruned, example, path, **self._export_kwargs())
+            else:
+                paths[fmt] = save_onnx(pruned, example, path, **self._export_kwargs())
+        self._log(trainer, report, paths)
+        return paths, report
+
+    def _export_kwargs(self) -> dict[str, Any]:
+        return {
+            "dynamic_batch": self.dynamic_batch,
+            "verify": self.verify,
+            "rtol": self.rtol,
+            "atol": self.atol,
+        }
+
+    def _check(self, expected: list[torch.Tensor], got: list[torch.Tensor], path: Path) -> None:
+        assert_outputs_close(
+            expected,
+            got,
+            what=f"`{_OWNER}` reloading {str(path)!r}",
+            rtol=self.rtol,
+            atol=self.atol,
+        )
+
+    def _write_ckpt(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        module: pl.LightningModule,
+        name: str,
+        example: tuple[torch.Tensor, ...],
+        path: Path,
+        metadata: dict[str, Any],
+    ) -> Path:
+        checkpoint = pruned_checkpoint(
+            module, epoch=trainer.current_epoch, global_step=trainer.global_step, metadata=metadata
+        )
+        network = module.get_submodule(name)
+        expected = run_outputs(network, example)
+
+        def check(tmp: Path) -> None:
+            read_checkpoint(tmp, owner=_OWNER)
+            if self.verify:  # reload into a full-width copy of the trained module
+                fresh = copy.deepcopy(pl_module).cpu()
+                load_pruned(tmp, fresh)
+                self._check(expected, run_outputs(fresh.get_submodule(name).eval(), example), path)
+
+        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), check)
+
+    def _log(self, trainer: pl.Trainer, report: Any, paths: dict[str, Path]) -> None:
+        listing = "\n".join(f"  {fmt}: {path}" for fmt, path in paths.items())
+        rank_zero_info(f"`{_OWNER}` wrote:\n{listing}\n{report}")
+        metrics = {  # export/params, export/params_before, export/params_removed, .../macs...
+            f"export/{key.removesuffix('_after')}": float(value)
+            for key, value in report.to_dict().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for logger in trainer.loggers:
+            if metrics:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                text = "\n".join("    " + line for line in str(report).splitlines())
+                logger.experiment.add_text("export/report", text, global_step=trainer.global_step)
+            logger.save()
