@@ -126,6 +126,36 @@ def select_targets(
     return targets
 
 
+#: Strategies that shard parameters, gradients or optimizer state across processes (matched by
+#: class name along the MRO, so that no optional package such as deepspeed is imported).
+SHARDING_STRATEGIES: tuple[str, ...] = (
+    "FSDPStrategy",
+    "DeepSpeedStrategy",
+    "ModelParallelStrategy",
+    "XLAFSDPStrategy",
+)
+
+
+def refuse_sharded_strategy(trainer: Any, *, owner: str) -> None:
+    """Raise when ``trainer.strategy`` shards the model (FSDP, DeepSpeed, ModelParallel).
+
+    The callbacks need each layer's whole weight, gradient and optimizer state on every process
+    (filter norms, masks, proximal maps, the export); under sharding each rank holds a slice, and
+    the gradients live in flat buffers. DDP (a full replica per rank) is supported and tested.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    sharding = next((name for name in names if name in SHARDING_STRATEGIES), None)
+    if sharding is not None:
+        raise RuntimeError(
+            f"`{owner}`: `Trainer(strategy={type(strategy).__name__}(...))` is a {sharding}, which "
+            "shards the parameters across processes, but this callback needs every layer's whole "
+            "weight, gradient and optimizer state on each process. HINT: train with "
+            '`strategy="ddp"` (supported: a full replica per process), and use FSDP or DeepSpeed '
+            "for the exported, smaller model if needed."
+        )
+
+
 def raise_if_nonfinite(values: Tensor, names: Sequence[str], *, owner: str, what: str) -> None:
     """Raise naming the layers whose ``values`` (one per layer) are NaN or inf (one device sync)."""
     finite = torch.isfinite(values)

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from lightning_sparsity.callbacks._common import resolve_network
+from lightning_sparsity.callbacks._common import refuse_sharded_strategy, resolve_network
 from lightning_sparsity.callbacks._masks import FilterGroup, build_groups, zero_filters
 from lightning_sparsity.functional.scores import NORMS, filter_norms
 from lightning_sparsity.pruning.export import prune_model
@@ -156,6 +156,7 @@ class SparsityMonitor(Callback):
             )
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner="SparsityMonitor")
         network = resolve_network(pl_module)
         selected = select_layers(network, self.layers, owner="SparsityMonitor")
         self._names = [layer.name for layer in selected if not layer.is_output]

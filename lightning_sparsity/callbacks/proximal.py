@@ -17,6 +17,7 @@ from lightning_sparsity.callbacks._common import (
     describe,
     no_targets_message,
     raise_if_nonfinite,
+    refuse_sharded_strategy,
     select_targets,
     strength_at,
 )
@@ -185,6 +186,7 @@ class ProximalSparsity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner=_OWNER)
         self._targets = select_targets(pl_module, self.layers, self.granularity, owner=_OWNER)
         if not self._targets:
             rank_zero_warn(no_targets_message(_OWNER, self.granularity))

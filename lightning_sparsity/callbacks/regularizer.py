@@ -18,6 +18,7 @@ from lightning_sparsity.callbacks._common import (
     no_targets_message,
     optimizer_param_ids,
     raise_if_nonfinite,
+    refuse_sharded_strategy,
     resolve_network,
     select_targets,
     strength_at,
@@ -195,6 +196,7 @@ class SparsityRegularizer(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner=_OWNER)
         self._targets = self._resolve(pl_module)
         self._attached = True
         if not self._targets:

@@ -20,6 +20,7 @@ from lightning_sparsity.callbacks._common import (
     no_targets_message,
     optimizer_param_ids,
     raise_if_nonfinite,
+    refuse_sharded_strategy,
     select_targets,
     strength_at,
 )
@@ -187,6 +188,7 @@ class VariableSplitting(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner=_OWNER)
         self._targets = select_targets(
             pl_module,
             self.layers,

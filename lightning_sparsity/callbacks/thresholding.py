@@ -12,7 +12,11 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_sparsity.callbacks._common import describe, resolve_network
+from lightning_sparsity.callbacks._common import (
+    describe,
+    refuse_sharded_strategy,
+    resolve_network,
+)
 from lightning_sparsity.callbacks._masks import (
     FilterGroup,
     build_groups,
@@ -204,6 +208,7 @@ class FilterThresholding(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner="FilterThresholding")
         network = resolve_network(pl_module)
         selected = select_layers(network, self.layers, owner="FilterThresholding")
         skipped = [layer.name for layer in selected if layer.is_output]
