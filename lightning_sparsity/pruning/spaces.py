@@ -151,24 +151,27 @@ def mix_value(
     """
     w = _broadcast_weights(weight.detach(), groups, transposed)
     out_c, in_g = w.shape[0], w.shape[1]
-    nz = (w != 0).any(2) if w.shape[2] > 1 else (w[:, :, 0] != 0)  # [out, in_g]
-    dev = nz.device
     is_live = torch.isnan(value_in)
     is_const = ~is_live & (value_in != 0)
+    out = (
+        bias.detach().to("cpu", torch.float64)
+        if bias is not None
+        else torch.zeros(out_c, dtype=torch.float64)
+    )
+    if groups == 1 and bool(is_live.all()):  # the common case: one pass, no temporary
+        out[w.flatten(1).any(1).cpu()] = NAN
+        return finite(out)
+    nz = (w != 0).any(2) if w.shape[2] > 1 else (w[:, :, 0] != 0)  # [out, in_g]
+    dev = nz.device
     if groups == 1:
-        hit_live = nz.any(1) if bool(is_live.all()) else nz[:, is_live.to(dev)].any(1)
-        hit_const = nz[:, is_const.to(dev)].any(1)
+        hit_live = nz[:, is_live.to(dev)].any(1)
+        hit_const = nz[:, is_const.to(dev)].any(1) if bool(is_const.any()) else hit_live & False
     else:
         group_of = torch.arange(out_c, device=dev) // (out_c // groups)
         live_g = is_live.to(dev).view(groups, in_g)[group_of]
         const_g = is_const.to(dev).view(groups, in_g)[group_of]
         hit_live = (nz & live_g).any(1)
         hit_const = (nz & const_g).any(1)
-    out = (
-        bias.detach().to("cpu", torch.float64)
-        if bias is not None
-        else torch.zeros(out_c, dtype=torch.float64)
-    )
     if bool(is_const.any()):
         if uneven:
             hit_live = hit_live | hit_const
