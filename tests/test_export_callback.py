@@ -339,3 +339,36 @@ def test_unknown_submodule_fails_at_setup(tmp_path: Path) -> None:
 def test_misconfiguration(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         PrunedExport(**kwargs)
+
+
+def test_main_job_prints_kept_widths_parameters_and_macs(tmp_path: Path) -> None:
+    import importlib.util
+
+    from lightning_sparsity import ClassificationModule
+
+    spec = importlib.util.spec_from_file_location(
+        "lenet5_main_job", Path(__file__).resolve().parents[1] / "examples" / "lenet5_mnist.py"
+    )
+    assert spec is not None and spec.loader is not None
+    main_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_job)
+
+    class KillLeNet(Callback):
+        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+            conv = pl_module.model.features[3]
+            with torch.no_grad():
+                conv.weight[10:] = 0
+                conv.bias[10:] = 0
+
+    export = PrunedExport(dirpath=tmp_path, formats=("pt",))
+    data = DataLoader(
+        TensorDataset(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))), batch_size=4
+    )
+    t = trainer(tmp_path, [KillLeNet(), export], limit_train_batches=2)
+    t.fit(ClassificationModule("lenet5"), data)
+    lines = main_job.export_summary(t)
+    text = "\n".join(lines)
+    assert "kept widths: features.0 20->20, features.3 50->10, classifier.1 500->500" in text
+    assert f"parameters: 431,080 -> {export.report.params_after:,}" in text
+    assert export.report.params_after == 431_080 - 40 * (20 * 25 + 1) - 40 * 16 * 500
+    assert "MACs per example: 2,293,000 -> " in text and f"pt: {export.paths['pt']}" in text
