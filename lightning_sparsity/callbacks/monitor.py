@@ -17,16 +17,8 @@ from lightning_sparsity.callbacks._common import refuse_sharded_strategy, resolv
 from lightning_sparsity.callbacks._masks import FilterGroup, build_groups, zero_filters
 from lightning_sparsity.functional.scores import NORMS, filter_norms
 from lightning_sparsity.pruning.export import prune_model
+from lightning_sparsity.pruning.report import count_macs, count_params
 from lightning_sparsity.selection import LayerSpec, select_layers
-
-
-def _count(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[int, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    params = sum(p.numel() for p in model.parameters())
-    with FlopCounterMode(display=False) as counter:
-        model(*args)
-    return params, counter.get_total_flops() // 2
 
 
 def _log_step(trainer: pl.Trainer) -> int:
@@ -56,10 +48,11 @@ class SparsityMonitor(Callback):
     * ``sparsity/<layer>/filters``: live filters of the layer;
     * ``sparsity/<layer>/density``: share of the layer's weights whose magnitude is > ``tolerance``;
     * ``sparsity/filters``: live filters of all monitored layers;
-    * ``sparsity/params`` and ``sparsity/macs``: parameters and multiply-accumulates (one sample) of
-      the model :func:`~lightning_sparsity.prune_model` would export once the dead filters are
-      removed, counted by :func:`~lightning_sparsity.size_report` (``torch.utils.flop_counter``) on
-      a copy whose dead filters (with their bias and BatchNorm scale/shift) are zeroed.
+    * ``sparsity/params`` and ``sparsity/macs``: parameters (all of them, BatchNorm included) and
+      multiply-accumulates (per sample) of the model :func:`~lightning_sparsity.prune_model` would
+      export once the dead filters are removed: ``prune_model`` on a copy whose dead filters (with
+      their bias and BatchNorm scale/shift) are zeroed, counted as
+      :func:`~lightning_sparsity.size_report` counts (``torch.utils.flop_counter``).
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, from global rank
     zero, a custom-scalars layout (tab "CUSTOM SCALARS": one chart with every layer's filter
@@ -244,7 +237,7 @@ class SparsityMonitor(Callback):
         args = self._example_on(device)
         # nothing dead: the model is its own pruned version (prune_model refuses a no-op)
         pruned = prune_model(clone, args, verify=False, allow_unchanged=True) if any_dead else clone
-        return _count(pruned, args)
+        return count_params(pruned), count_macs(pruned, args)[0]
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(
