@@ -157,6 +157,20 @@ def test_fused_gradients_equal_autograd(name: str, options: dict, granularity: s
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_fused_gradients_accumulate_in_place(name: str, options: dict) -> None:
+    weights = [torch.randn(5, 3, 3, 3), torch.randn(7, 6)]
+    weights[0][2] = 0.0
+    out = [torch.randn_like(w) for w in weights]
+    before = [o.clone() for o in out]
+    values, grads = penalty_and_grads(name, weights, "filter", out=out, alpha=0.25, **options)
+    assert all(g is o for g, o in zip(grads, out))  # accumulated in place
+    ref_values, ref_grads = penalty_and_grads(name, weights, "filter", **options)
+    torch.testing.assert_close(values, ref_values)
+    for o, b, g in zip(out, before, ref_grads):
+        torch.testing.assert_close(o, b + 0.25 * g)
+
+
 def test_fused_mixed_granularities_and_errors() -> None:
     conv, lin = torch.randn(4, 3, 3, 3), torch.randn(5, 36)
     values, grads = penalty_and_grads("group_lasso", [conv, lin], ["filter", "channel"])

@@ -21,8 +21,8 @@ from lightning_sparsity.callbacks._common import (
     select_targets,
     strength_at,
 )
-from lightning_sparsity.functional.groups import check_granularity, group_norms
-from lightning_sparsity.functional.proximal import group_hard_threshold, group_soft_threshold
+from lightning_sparsity.functional.groups import check_granularity, group_norms, reduce_dims
+from lightning_sparsity.functional.proximal import group_soft_threshold
 from lightning_sparsity.selection import LayerSpec
 
 _OWNER = "ProximalSparsity"
@@ -96,6 +96,10 @@ class ProximalSparsity(Callback):
                                   :func:`~lightning_sparsity.functional.proximal.group_soft_threshold`)
     ``"l0"``     a group          group hard: ``z_g * 1[sum_i z_i^2 / (2 eta_i) > lambda]``
     ============ ================ =====================================================
+
+    (the hard maps are evaluated as ``sum_i z_i^2 d_i > 2 lr lambda`` with ``eta_i = lr / d_i``: the
+    same rule as :func:`~lightning_sparsity.functional.proximal.group_hard_threshold` with
+    ``t = sqrt(2 eta lambda)``, in fewer passes over the weights)
 
     so the groups it zeroes are *exactly* zero after every step. With gradient accumulation the map
     runs only after batches where the optimizer stepped, with the learning rate that step used
@@ -234,6 +238,7 @@ class ProximalSparsity(Callback):
         pending, self._pending = self._pending, []
         if not pending or self._current == 0:
             return
+        lam = self._current
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t, *_ in pending]
             if self.check_finite:
@@ -245,14 +250,19 @@ class ProximalSparsity(Callback):
                 d = None
                 if self.metric == "auto":
                     d = step_denominator(optimizer, group, optimizer.state[t.param])
-                eta: float | Tensor = lr if d is None else lr / d
-                if self.norm == "l1":
-                    new = group_soft_threshold(z, eta * self._current, t.granularity)
+                if self.norm == "l0":
+                    # keep iff sum_i z_i^2 / (2 eta_i) > lambda with eta_i = lr / d_i, i.e.
+                    # sum_i z_i^2 d_i > 2 lr lambda (d, a temporary, becomes the score in place)
+                    score = z.square() if d is None else d.mul_(z).mul_(z)
+                    dims = reduce_dims(z, t.granularity)
+                    keep = (score.sum(dims, keepdim=True) if dims else score) > 2 * lr * lam
+                    z.mul_(keep)
+                    alive.append(keep.sum())
+                    total += keep.numel()
                 else:
-                    thr = (2 * self._current * eta) ** 0.5
-                    new = group_hard_threshold(z, thr, t.granularity)
-                z.copy_(new)
-                norms = group_norms(z, t.granularity)
-                alive.append((norms > 0).sum())
-                total += norms.numel()
+                    eta: float | Tensor = lr if d is None else d.reciprocal_().mul_(lr)
+                    z.copy_(group_soft_threshold(z, eta * lam, t.granularity))
+                    norms = group_norms(z, t.granularity)
+                    alive.append((norms > 0).sum())
+                    total += norms.numel()
         pl_module.log(self.log_key, torch.stack(alive).sum() / total, on_step=True, on_epoch=False)

@@ -207,14 +207,20 @@ class SparsityRegularizer(Callback):
             self._attached = False
 
     # ------------------------------------------------------------------ maths
-    def _values_and_grads(
-        self, weights: list[Tensor], grans: list[str]
-    ) -> tuple[Tensor, list[Tensor]]:
+    def _accumulate(self, weights: list[Tensor], grans: list[str], out: list[Tensor]) -> Tensor:
+        """``out += strength * grad R`` in place; returns the per-layer values of ``R``."""
         p = self.penalty_fn
         if isinstance(p, str):
-            return penalty_and_grads(
-                p, weights, grans, cap=self.cap, scale_by_size=self.scale_by_size
+            result, _ = penalty_and_grads(
+                p,
+                weights,
+                grans,
+                cap=self.cap,
+                scale_by_size=self.scale_by_size,
+                out=out,
+                alpha=self._current,
             )
+            return result
         values: list[Tensor] = []
         grads: list[Tensor] = []
         with torch.enable_grad():
@@ -229,7 +235,8 @@ class SparsityRegularizer(Callback):
                 (grad,) = torch.autograd.grad(value.reshape(()), leaf, allow_unused=True)
                 values.append(value.detach().reshape(()))
                 grads.append(torch.zeros_like(leaf) if grad is None else grad)
-        return torch.stack(values), grads
+        torch._foreach_add_(out, grads, alpha=self._current)
+        return torch.stack(values)
 
     def penalty(self, module: nn.Module) -> Tensor:
         """``strength * sum_layers R(W_layer)`` as a differentiable scalar, for users who prefer
@@ -283,16 +290,16 @@ class SparsityRegularizer(Callback):
         active = [t for t in self._targets if t.param.grad is not None and id(t.param) in ids]
         if not active:
             return
+        # a NaN found after the accumulation still raises before the optimizer step: the
+        # exception leaves the closure, so the weights are never updated with it
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t in active]
-            values, grads = self._values_and_grads(weights, [t.granularity for t in active])
+            param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
+            values = self._accumulate(weights, [t.granularity for t in active], param_grads)
             if self.check_finite:
                 raise_if_nonfinite(
                     values, [t.name for t in active], owner=_OWNER, what=f"penalty {self.name!r}"
                 )
-            if self._current > 0:
-                param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
-                torch._foreach_add_(param_grads, grads, alpha=self._current)
         pl_module.log(
             self.log_key or f"sparsity/penalty/{self.name}",
             values.sum(),

@@ -245,21 +245,23 @@ class VariableSplitting(Callback):
         self._stepped = True
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t in active]
-            grans = [t.granularity for t in active]
-            group, grads = penalty_and_grads(
-                "group_lasso", weights, grans, scale_by_size=self.scale_by_size
+            param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
+            scale = 1.0 / self.divide_by
+            group, _ = penalty_and_grads(
+                "group_lasso",
+                weights,
+                [t.granularity for t in active],
+                scale_by_size=self.scale_by_size,
+                out=param_grads,
+                alpha=self._current * scale,
             )
             diffs = torch._foreach_sub(weights, [self.U[t.name] for t in active])
+            torch._foreach_add_(param_grads, diffs, alpha=self.beta * scale)
             coupling = torch.stack(torch._foreach_norm(diffs, 2)).square()
-            values = (self._current * group + 0.5 * self.beta * coupling) / self.divide_by
-            if self.check_finite:
+            values = (self._current * group + 0.5 * self.beta * coupling) * scale
+            if self.check_finite:  # raises before the optimizer step: the weights stay intact
                 names = [t.name for t in active]
                 raise_if_nonfinite(values, names, owner=_OWNER, what="the splitting penalty")
-            torch._foreach_mul_(diffs, self.beta)
-            if self._current > 0:
-                torch._foreach_add_(diffs, grads, alpha=self._current)
-            param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
-            torch._foreach_add_(param_grads, diffs, alpha=1.0 / self.divide_by)
         pl_module.log_dict(
             {"sparsity/splitting/penalty": values.sum(), "sparsity/splitting/beta": self.beta},
             on_step=True,

@@ -140,8 +140,15 @@ def penalty_and_grads(
     *,
     cap: float | None = None,
     scale_by_size: bool = False,
+    out: Sequence[Tensor] | None = None,
+    alpha: float = 1.0,
 ) -> tuple[Tensor, list[Tensor]]:
     """Values and closed-form gradients of the penalty ``name`` for several weights at once.
+
+    The gradients are ``coefficient_per_group * w`` (``sign(w) * ...`` for the L1 penalties): with
+    ``out`` they are accumulated into existing tensors in place (``out[i] += alpha * grad_i``, one
+    fused ``torch._foreach_addcmul_``, no weight-sized temporary for "group_lasso" and "l1_l2"),
+    which is what the callbacks do with the parameters' ``.grad``.
 
     Args:
         name: a key of :data:`PENALTIES`.
@@ -149,12 +156,16 @@ def penalty_and_grads(
         granularity: one granularity for all, or one per weight (ignored by "l1", "bn_scale_l1").
         cap: the cap of "capped_l1".
         scale_by_size: the sqrt(group size) weighting of "group_lasso".
+        out: tensors shaped like ``weights`` to accumulate ``alpha * grad`` into; ``None`` to
+            return new gradient tensors.
+        alpha: the factor of the accumulated gradients (with ``out`` only).
 
     Returns:
-        ``(values, grads)``: a ``[len(weights)]`` tensor of per-layer values and the gradient of
-        each value with respect to its weight (new tensors). The gradient of an all-zero group is 0.
-        Subgradient choices: ``sign(0) = 0`` for "l1"; for "capped_l1" a group with
-        ``||w_g||_1 <= cap`` gets ``sign(w_g)`` (as ``torch.clamp``'s autograd).
+        ``(values, grads)``: a ``[len(weights)]`` tensor of per-layer values (not multiplied by
+        ``alpha``) and the gradients (``out`` itself when given). The gradient of an all-zero
+        group is 0. Subgradient choices: ``sign(0) = 0`` for "l1"; for "capped_l1" a group with
+        ``||w_g||_1 <= cap`` gets ``sign(w_g)`` (as ``torch.clamp``'s autograd). Finite for any
+        weights with ``||w||_2 >= 1e-18`` or exactly zero.
 
     Example::
 
@@ -165,42 +176,52 @@ def penalty_and_grads(
         ([7.0, 14.0], [0.0, 1.0, 0.0])
     """
     weights = list(weights)
+    if out is None:
+        grads = [torch.zeros_like(w) for w in weights]
+        alpha = 1.0
+    else:
+        grads = list(out)
     if not weights:
-        return torch.zeros(0), []
+        return torch.zeros(0), grads
     grans = [granularity] * len(weights) if isinstance(granularity, str) else list(granularity)
     if name in ("l1", "bn_scale_l1"):
-        return torch.stack(torch._foreach_norm(weights, 1)), list(torch._foreach_sign(weights))
-    tiny = torch.finfo(weights[0].dtype).tiny
+        values = torch.stack(torch._foreach_norm(weights, 1))
+        torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=alpha)
+        return values, grads
     if name == "capped_l1":
         cap = check_cap(cap, owner="penalty_and_grads")
         norms = _norms(weights, grans, 1)
         values = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(norms, cap), 1))
-        masks = [(n <= cap).to(n.dtype) for n in norms]
-        return values, list(torch._foreach_mul(torch._foreach_sign(weights), masks))
+        masks = [(n <= cap).to(n.dtype).expand_as(w) for n, w in zip(norms, weights)]
+        torch._foreach_addcmul_(grads, torch._foreach_sign(weights), masks, value=alpha)
+        return values, grads
     if name not in ("group_lasso", "l1_l2"):
         raise ValueError(
             f"`penalty_and_grads(name={name!r})`: expected one of {sorted(PENALTIES)}, "
             f"got {name!r}."
         )
     norms = _norms(weights, grans, 2)
-    # unit directions w_g / ||w_g||: an all-zero group stays 0 (0 * 1/tiny), no NaN
-    units = torch._foreach_mul(
-        weights, torch._foreach_reciprocal(torch._foreach_clamp_min(norms, tiny))
-    )
+    # 1 / ||w_g||, and 0 for an all-zero group (whose gradient is then 0, never NaN)
+    inv = [torch.where(n > 0, n.reciprocal(), 0.0) for n in norms]
     s1 = torch.stack(torch._foreach_norm(norms, 1))
     if name == "group_lasso":
-        if not scale_by_size:
-            return s1, list(units)
-        scales = [math.sqrt(group_size(w, g)) for w, g in zip(weights, grans)]
-        torch._foreach_mul_(units, scales)
-        return s1 * torch.tensor(scales, dtype=s1.dtype, device=s1.device), list(units)
-    # l1_l2: R = s1 / s2 with s2 = ||n||_2 = ||w||_F;  dR/dw = (u - w * R / s2) / s2
-    s2 = torch.stack(torch._foreach_norm(weights, 2))
-    positive = s2 > 0
-    s2safe = torch.where(positive, s2, 1.0)
-    values = torch.where(positive, s1 / s2safe, 0.0)
-    inv: list[Tensor] = list((1.0 / s2safe).unbind())
-    ratio: list[Tensor] = list((values / s2safe).unbind())
-    grads = torch._foreach_sub(units, torch._foreach_mul(weights, ratio))
-    torch._foreach_mul_(grads, inv)
-    return values, list(grads)
+        values = s1
+        if scale_by_size:
+            scales = [math.sqrt(group_size(w, g)) for w, g in zip(weights, grans)]
+            torch._foreach_mul_(inv, scales)
+            values = s1 * torch.tensor(scales, dtype=s1.dtype, device=s1.device)
+        coefs = inv
+    else:
+        # l1_l2: R = s1 / s2 with s2 = ||n||_2 = ||w||_F;  dR/dw_g = (1/(n_g s2) - R/s2^2) w_g
+        s2 = torch.stack(torch._foreach_norm(weights, 2))
+        positive = s2 > 0
+        s2safe = torch.where(positive, s2, 1.0)
+        values = torch.where(positive, s1 / s2safe, 0.0)
+        first, second = (1.0 / s2safe).unbind(), (values / s2safe.square()).unbind()
+        coefs = [
+            torch.where(n > 0, i * a - b, 0.0) for n, i, a, b in zip(norms, inv, first, second)
+        ]
+    torch._foreach_addcmul_(
+        grads, weights, [c.expand_as(w) for c, w in zip(coefs, weights)], value=alpha
+    )
+    return values, grads
