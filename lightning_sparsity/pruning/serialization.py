@@ -30,6 +30,7 @@ FILE_FORMAT = "lightning_sparsity.pruned"
 FILE_VERSION = 1
 WIDTHS_KEY = "pruned_widths"
 
+
 def to_plain(value: Any, where: str) -> Any:
     """A copy of ``value`` that ``torch.load(weights_only=True)`` reads with no pickled class.
 
