@@ -74,7 +74,7 @@ class SparsityMonitor(Callback):
         ValueError: a negative ``tolerance``, ``log_every_n_steps`` < 1, an unknown ``norm`` or
             layer name.
         RuntimeError: a Trainer without a logger; a batch whose input cannot be found (pass
-            ``example_inputs``).
+            ``example_inputs``); NaN/inf weights in a monitored layer (named).
 
     Example::
 
@@ -198,6 +198,13 @@ class SparsityMonitor(Callback):
         network = resolve_network(pl_module)
         modules = dict(network.named_modules())
         norms = self._live(network)
+        bad = [name for name in self._names if not bool(torch.isfinite(norms[name]).all())]
+        if bad:
+            raise RuntimeError(
+                f"`SparsityMonitor`: the weights of layer(s) {bad} are NaN or inf, so their "
+                "filters can be counted neither live nor dead. HINT: lower the learning rate or "
+                "the regularisation strength, or clip gradients (`Trainer(gradient_clip_val=...)`)."
+            )
         metrics: dict[str, float] = {}
         total = 0
         for name in self._names:
