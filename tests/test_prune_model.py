@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lightning_sparsity.pruning.coupling import UnsupportedOpError
@@ -480,3 +482,118 @@ def test_verify_reports_the_difference() -> None:
     with pytest.raises(RuntimeError, match="not equivalent: output 0 differs by up to"):
         verify_equal(a, b, torch.randn(2, 10))
     assert verify_equal(a, copy.deepcopy(a), torch.randn(2, 10)) == 0.0
+
+
+# -- more layer types ----------------------------------------------------------------------------
+class Up(nn.Module):
+    def __init__(self, c: int = 6, u: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.up, self.bn2 = nn.ConvTranspose2d(c, u, 2, stride=2), nn.BatchNorm2d(u)
+        self.head = nn.Conv2d(u, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(torch.relu(self.bn2(self.up(x))))
+
+
+def test_conv_transpose() -> None:
+    net = randomize(Up())
+    kill(net.conv, [1], net.bn)
+    with torch.no_grad():  # a ConvTranspose2d weight is [in, out, k, k]: output 2 is W[:, 2]
+        net.up.weight[:, 2] = 0
+        net.up.bias[2] = 0
+        net.bn2.weight[2] = net.bn2.bias[2] = 0
+    pruned = check(net, torch.randn(2, 3, 5, 5), Up(5, 3))
+    torch.testing.assert_close(pruned.up.weight, net.up.weight[[0, 2, 3, 4, 5]][:, [0, 1, 3]])
+
+
+def test_prelu_per_channel() -> None:
+    def build(c: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, c, 3), nn.BatchNorm2d(c), nn.PReLU(c), nn.Conv2d(c, 2, 1))
+
+    net = randomize(build(6))
+    kill(net[0], [2, 3], net[1])
+    pruned = check(net, torch.randn(2, 3, 5, 5), build(4))
+    torch.testing.assert_close(pruned[2].weight, net[2].weight[[0, 1, 4, 5]])
+
+
+def test_group_norm_keeps_its_channels() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    kill(net[0], [1])
+    x = torch.randn(2, 3, 5, 5)
+    assert "normalises channels jointly" in plan_pruning(net, x).kept_dead["0"][1]
+    with pytest.raises(ValueError, match="1 dead channels must stay"):
+        prune_model(net, x)
+
+
+def test_torch_prune_masks_are_refused() -> None:
+    net = randomize(Plain())
+    torch.nn.utils.prune.ln_structured(net.conv1, "weight", amount=0.25, n=2, dim=0)
+    with pytest.raises(ValueError, match=r"layer 'conv1' carries a `torch.nn.utils.prune` mask"):
+        prune_model(net, torch.randn(1, 3, 8, 8))
+    torch.nn.utils.prune.remove(net.conv1, "weight")  # 2 filters zeroed, their BN shift stays:
+    kill(net.conv1, [0], net.bn1)  # constants folded into conv2 (3x3, no padding), all 3 go
+    assert prune_model(net, torch.randn(1, 3, 8, 8)).conv1.out_channels == 5
+
+
+# -- random kills over every rule at once ---------------------------------------------------------
+class Mixed(nn.Module):
+    """Residual sum, concatenation, grouped conv, depthwise conv, SE gate, flatten, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.bna = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.g, self.bng = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bnd = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.b, self.bnb = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+        self.fc1, self.fc2 = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1)
+        self.lin1, self.lin2 = nn.Linear(12 * 4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(x + self.bng(self.g(torch.relu(self.bna(self.a(x))))))
+        z = torch.cat([y, torch.relu(self.bnb(self.b(torch.relu(self.bnd(self.dw(y))))))], 1)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(z.mean((2, 3), keepdim=True)))))
+        z = nn.functional.adaptive_avg_pool2d(z * gate, 2).flatten(1)
+        return self.lin2(torch.relu(self.lin1(z)))
+
+
+KILLABLE = {"stem": "bn0", "a": "bna", "g": "bng", "dw": "bnd", "b": "bnb", "fc1": "", "lin1": ""}
+
+
+@settings(max_examples=25, deadline=None, phases=(Phase.explicit, Phase.generate))
+@given(
+    st.fixed_dictionaries(
+        {k: st.sets(st.integers(0, 7 if k not in ("b", "fc1", "lin1") else 2)) for k in KILLABLE}
+    ),
+    st.sets(st.sampled_from([k for k, bn in KILLABLE.items() if bn])),
+    st.integers(0, 2**16),
+)
+def test_random_kills_stay_exact(killed: dict[str, set[int]], shifted: set[str], seed: int) -> None:
+    """Random dead filters everywhere; in ``shifted`` layers the BN shift is left non-zero, so
+    those channels emit constants that must be folded exactly or kept."""
+    torch.manual_seed(seed)
+    net = randomize(Mixed())
+    named = dict(net.named_modules())
+    for layer, channels in killed.items():
+        if channels:
+            bn = named[KILLABLE[layer]] if KILLABLE[layer] else None
+            kill(named[layer], sorted(channels), bn)
+            if bn is not None and layer in shifted:
+                with torch.no_grad():
+                    bn.bias[sorted(channels)] = torch.rand(len(channels)) - 0.3
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        removed = dead_channels(net, x)
+        check(net, x, None)
+    except ValueError as err:  # nothing removable: the message says so
+        assert "expected at least one dead channel" in str(err)
+        return
+    if shifted:
+        return
+    # a killed unit of a plain chain always goes (other units may go too: all their inputs died)
+    for layer, n in (("fc1", 3), ("lin1", 6)):
+        gone = set(removed.get(layer, []))
+        assert killed[layer] <= gone or len(gone) == n - 1  # or all died and one must stay

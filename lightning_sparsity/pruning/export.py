@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_sparsity.pruning.coupling import ChannelPlan, Fold, analyze
 from lightning_sparsity.pruning.graph import shape_trace
 from lightning_sparsity.pruning.spaces import contribution
-from lightning_sparsity.pruning.surgery import shrink
+from lightning_sparsity.pruning.surgery import is_masked, shrink
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
@@ -66,6 +66,17 @@ def _check_device(model: nn.Module, inputs: tuple[Tensor, ...], owner: str) -> N
             raise ValueError(
                 f"`{owner}(example_inputs=...)`: expected inputs on the model's device "
                 f"{param.device}, got {t.device}. HINT: `example_inputs.to({str(param.device)!r})`."
+            )
+
+
+def _check_plain_weights(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if is_masked(module):
+            raise ValueError(
+                f"`prune_model(model)`: expected plain weights, but layer {name or 'model'!r} "
+                "carries a `torch.nn.utils.prune` mask or a parametrization. HINT: make the "
+                "pruning permanent first (`torch.nn.utils.prune.remove(module, 'weight')`, or "
+                "Lightning's `ModelPruning(make_pruning_permanent=True)`)."
             )
 
 
@@ -276,6 +287,7 @@ def prune_model(
             raise ValueError(f"`prune_model({name}={tol!r})`: expected `{name}` >= 0, got {tol!r}.")
     inputs = as_inputs(example_inputs)
     _check_device(model, inputs, "prune_model")
+    _check_plain_weights(model)
     work = copy.deepcopy(model)
     plan = analyze(shape_trace(work, inputs))
     if not plan.changed:

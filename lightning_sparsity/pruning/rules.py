@@ -360,7 +360,8 @@ def _binary(op: str) -> Rule:
                 one = isinstance(s, Space) and s.value.numel() == 1
                 values.append(s.value.reshape(()) if one and s is not None else torch.tensor(NAN))
             else:
-                return a.unknown(node)
+                why = "an operand's channels are not tracked (a parameter used in `forward`?)"
+                return a.unknown(node, why)
         alpha = node.kwargs.get("alpha", 1)
         alpha = float(alpha) if isinstance(alpha, (int, float)) else NAN
         lhs, rhs = (v.to(torch.float64) for v in values)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 ShrinkFn = Callable[[nn.Module, "Tensor | None", "Tensor | None"], nn.Module]
 
@@ -51,6 +51,14 @@ def shrink_fn(module: nn.Module) -> ShrinkFn | None:
     return None
 
 
+def is_masked(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) has a ``torch.nn.utils.prune`` mask or a
+    parametrization: its ``weight`` is then recomputed on every call and cannot be sliced."""
+    hooks = module._forward_pre_hooks.values()
+    masked = any(isinstance(h, prune.BasePruningMethod) for h in hooks)
+    return masked or parametrize.is_parametrized(module)
+
+
 def shrink(
     module: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None
 ) -> nn.Module:
@@ -67,9 +75,7 @@ def shrink(
             f"`shrink({type(module).__name__})`: no shrink function for this layer type; "
             f"supported: {sorted(t.__name__ for t in _REGISTRY)}."
         )
-    if parametrize.is_parametrized(module) or any(
-        hasattr(module, f"{n}_orig") for n, _ in module.named_parameters(recurse=False)
-    ):
+    if is_masked(module):
         raise ValueError(
             f"`shrink({type(module).__name__})`: the layer is parametrized or carries a "
             "`torch.nn.utils.prune` mask. HINT: call `torch.nn.utils.prune.remove(module, "
