@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "PrunedExport": "lightning_sparsity.callbacks.export",
     # physical pruning
     "prune_model": "lightning_sparsity.pruning.export",
+    "dead_channels": "lightning_sparsity.pruning.export",
     "PruneReport": "lightning_sparsity.pruning.report",
     "size_report": "lightning_sparsity.pruning.report",
     "save_pruned": "lightning_sparsity.pruning.serialization",
@@ -66,6 +67,7 @@ __all__ = [
     "WideResNet",
     "build_datamodule",
     "build_model",
+    "dead_channels",
     "load_pruned",
     "prune_model",
     "save_onnx",
@@ -99,7 +101,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from lightning_sparsity.module import ClassificationModule
     from lightning_sparsity.pruning.deploy import save_onnx, save_pt2
-    from lightning_sparsity.pruning.export import prune_model
+    from lightning_sparsity.pruning.export import dead_channels, prune_model
     from lightning_sparsity.pruning.report import PruneReport, size_report
     from lightning_sparsity.pruning.serialization import load_pruned, save_pruned
     from lightning_sparsity.selection import select_layers
