@@ -287,6 +287,8 @@ def test_regularizer_misconfiguration() -> None:
         fit([SparsityRegularizer("group_lasso", 0.1, granularity="kernel")])
     with pytest.raises(ValueError, match=r"no module named 'conv9'.*Available.*'0', '2', '5'"):
         fit([SparsityRegularizer("group_lasso", 0.1, layers=["conv9"])])
+    with pytest.raises(ValueError, match=r"`log_every_n_steps` >= 0, got -1. HINT: 0 disables"):
+        SparsityRegularizer("l1", 0.1, log_every_n_steps=-1)
     with pytest.raises(ValueError, match=r"schedule's value finite and >= 0, got -1.0 at epoch 0"):
         fit([SparsityRegularizer("l1", lambda epoch: -1.0)])
 
@@ -388,11 +390,16 @@ def test_proximal_map_in_the_optimizer_metric(
     assert zeroed > 0 and kept > 0  # the strengths give a mix: the test can fail both ways
 
 
-def test_proximal_group_soft_per_coordinate_and_exact_zeros() -> None:
+def test_proximal_group_soft_per_coordinate_and_exact_zeros(tmp_path: Path) -> None:
     from lightning_sparsity.functional.proximal import group_soft_threshold
 
     probe = AfterBatch()
-    module = fit([ProximalSparsity(0.3, "l1", "filter"), probe], module=Net("rmsprop", 1e-3))
+    module = fit(
+        [ProximalSparsity(0.3, "l1", "filter"), probe],
+        module=Net("rmsprop", 1e-3),
+        logger=pl.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
     for step, final in zip(module.recorder.steps, probe.weights):
         z = step["after"]["2.weight"]
         eta = _eta("rmsprop", 1e-3, step["state"]["2.weight"])
@@ -401,6 +408,8 @@ def test_proximal_group_soft_per_coordinate_and_exact_zeros() -> None:
     # filters set to exactly zero, the rest not
     norms = module.model[2].weight.flatten(1).norm(dim=1)  # type: ignore[index]
     assert 0 < int((norms == 0).sum()) < norms.numel()
+    logged = (Path(module.trainer.logger.log_dir) / "metrics.csv").read_text()  # type: ignore[union-attr]
+    assert "sparsity/proximal/nonzero_fraction" in logged
 
 
 def test_proximal_runs_only_after_optimizer_steps() -> None:
@@ -457,7 +466,7 @@ def test_splitting_gradient_and_u_update(accumulate: int) -> None:
         assert bool(((w == 0) | (w.abs() > thr)).all()) and int((w == 0).sum()) > 0
 
 
-def test_splitting_beta_grows_on_schedule() -> None:
+def test_splitting_beta_grows_on_schedule(tmp_path: Path) -> None:
     split = VariableSplitting(0.01, 1.0, beta_growth=2.0, growth_every_n_epochs=2)
     betas: list[float] = []
 
@@ -465,8 +474,11 @@ def test_splitting_beta_grows_on_schedule() -> None:
         def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
             betas.append(split.beta)
 
-    fit([split, Probe()], max_epochs=5, limit_train_batches=1)
+    logger = pl.loggers.CSVLogger(tmp_path)
+    fit([split, Probe()], max_epochs=5, limit_train_batches=1, logger=logger, log_every_n_steps=1)
     assert betas == [1.0, 1.0, 2.0, 2.0, 4.0]
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "sparsity/splitting/beta" in logged and "sparsity/splitting/penalty" in logged
     assert split.growth_epoch == 4
 
 

@@ -169,6 +169,54 @@ def raise_if_nonfinite(values: Tensor, names: Sequence[str], *, owner: str, what
     )
 
 
+class Workspace:
+    """Scratch tensors reused from step to step (one per key), so that the per-step maths does not
+    allocate weight-sized temporaries: on the CPU every large allocation may cost page faults."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, key: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised tensor shaped like ``like`` (same device; ``dtype`` or ``like``'s)."""
+        dtype = like.dtype if dtype is None else dtype
+        buf = self._buffers.get(key)
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != dtype
+            or buf.device != like.device
+        ):
+            buf = self._buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buf
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def check_log_every(value: object, *, owner: str) -> None:
+    """``log_every_n_steps``: None (the Trainer's) or an int >= 0 (0: never log)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{owner}(log_every_n_steps={value!r})`: expected an int >= 0 or None.")
+    if value < 0:
+        raise ValueError(
+            f"`{owner}(log_every_n_steps={value!r})`: expected `log_every_n_steps` >= 0, got "
+            f"{value}. HINT: 0 disables logging, None follows the Trainer's."
+        )
+
+
+def log_due(trainer: Any, every: int | None, *, after_step: bool) -> bool:
+    """Whether this optimizer step is one the Trainer writes to its loggers (``every=None``: the
+    Trainer's ``log_every_n_steps``), so that ``self.log`` (a few ms per call) runs only then.
+    ``after_step``: called after the optimizer step (``global_step`` already counts it)."""
+    n = trainer.log_every_n_steps if every is None else every
+    if n <= 0:
+        return False
+    step = trainer.global_step if after_step else trainer.global_step + 1
+    return step % n == 0
+
+
 def optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     """The ``id`` of every parameter an optimizer updates."""
     return {id(p) for group in optimizer.param_groups for p in group["params"]}

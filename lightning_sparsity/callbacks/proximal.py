@@ -13,8 +13,11 @@ from torch import Tensor
 from lightning_sparsity.callbacks._common import (
     Strength,
     Target,
+    Workspace,
+    check_log_every,
     check_strength,
     describe,
+    log_due,
     no_targets_message,
     raise_if_nonfinite,
     refuse_sharded_strategy,
@@ -38,7 +41,10 @@ SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 
 
 def step_denominator(
-    optimizer: torch.optim.Optimizer, group: dict[str, Any], state: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    out: Tensor | None = None,
 ) -> Tensor | None:
     """``d`` with per-coordinate step ``eta = lr / d`` of the step the optimizer just took
     (``None``: the plain ``lr``), read from its state after the step:
@@ -50,6 +56,8 @@ def step_denominator(
       ``lr * m_hat / (sqrt(v_hat) + eps)``; the first moment's correction ``1 / (1 - beta1^t)``
       belongs to the gradient estimate ``m_hat``, not to the metric, and is left out.
     * Adagrad: ``(sqrt(sum) + eps) * (1 + (t - 1) * lr_decay)``.
+
+    ``out``: a tensor shaped like the parameter to write ``d`` into (else a new one).
 
     Raises:
         RuntimeError: the state the optimizer should hold after a step is missing.
@@ -65,17 +73,18 @@ def step_denominator(
         return state[key]
 
     if isinstance(optimizer, torch.optim.RMSprop):
-        v = need("square_avg")
         if group.get("centered", False):
-            v = v - need("grad_avg").square()
-        return v.sqrt().add_(group["eps"])
+            ga = need("grad_avg")
+            d = torch.addcmul(need("square_avg"), ga, ga, value=-1, out=out)
+            return d.sqrt_().add_(group["eps"])
+        return torch.sqrt(need("square_avg"), out=out).add_(group["eps"])
     if isinstance(optimizer, torch.optim.Adam):
         v = need("max_exp_avg_sq") if group.get("amsgrad", False) else need("exp_avg_sq")
         correction = 1 - group["betas"][1] ** float(need("step"))
-        return (v / correction).sqrt_().add_(group["eps"])
+        return torch.div(v, correction, out=out).sqrt_().add_(group["eps"])
     if isinstance(optimizer, torch.optim.Adagrad):
         decay = 1 + (float(need("step")) - 1) * group["lr_decay"]
-        return need("sum").sqrt().add_(group["eps"]).mul_(decay)
+        return torch.sqrt(need("sum"), out=out).add_(group["eps"]).mul_(decay)
     return None
 
 
@@ -104,7 +113,8 @@ class ProximalSparsity(Callback):
     so the groups it zeroes are *exactly* zero after every step. With gradient accumulation the map
     runs only after batches where the optimizer stepped, with the learning rate that step used
     (read in ``on_before_optimizer_step``, before a per-step LR scheduler moves it). Weights whose
-    gradient was ``None`` (not stepped) are left alone. Biases are not touched.
+    gradient was ``None`` (not stepped) are left alone. Biases are not touched. One weight-sized
+    scratch tensor per layer is kept during fit (no temporaries are allocated per step).
 
     Args:
         strength: ``lambda`` (>= 0) or a schedule ``epoch -> float``.
@@ -117,6 +127,8 @@ class ProximalSparsity(Callback):
         log_key: metric logged after each map: the fraction of the selected groups that are
             non-zero.
         check_finite: raise naming the layer when the stepped weights hold NaN or inf.
+        log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
+            ``log_every_n_steps``), 0 never.
 
     Raises:
         ValueError: unknown ``norm``, ``granularity`` or ``metric``; negative or NaN strength;
@@ -147,6 +159,7 @@ class ProximalSparsity(Callback):
         metric: str = "auto",
         log_key: str = "sparsity/proximal/nonzero_fraction",
         check_finite: bool = True,
+        log_every_n_steps: int | None = None,
     ) -> None:
         self.strength = strength
         self.norm = norm
@@ -155,14 +168,17 @@ class ProximalSparsity(Callback):
         self.metric = metric
         self.log_key = log_key
         self.check_finite = check_finite
+        self.log_every_n_steps = log_every_n_steps
         self._validate()
         self._targets: list[Target] = []
         self._current = 0.0
         # (target, optimizer, param group, lr used by the step) noted before each step
         self._pending: list[tuple[Target, torch.optim.Optimizer, dict[str, Any], float]] = []
         self._groups: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+        self._workspace = Workspace()
 
     def _validate(self) -> None:
+        check_log_every(self.log_every_n_steps, owner=_OWNER)
         self.strength = check_strength(self.strength, owner=_OWNER)
         for arg, choices in (("norm", NORMS), ("metric", METRICS)):
             value = getattr(self, arg)
@@ -198,6 +214,7 @@ class ProximalSparsity(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
         self._groups = {}
+        self._pending = []
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -219,6 +236,9 @@ class ProximalSparsity(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._workspace.clear()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -239,6 +259,7 @@ class ProximalSparsity(Callback):
         if not pending or self._current == 0:
             return
         lam = self._current
+        log = log_due(trainer, self.log_every_n_steps, after_step=True)
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t, *_ in pending]
             if self.check_finite:
@@ -247,22 +268,33 @@ class ProximalSparsity(Callback):
                 raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
             alive, total = [], 0
             for (t, optimizer, group, lr), z in zip(pending, weights):
+                buf = self._workspace.get(t.name, z)
                 d = None
                 if self.metric == "auto":
-                    d = step_denominator(optimizer, group, optimizer.state[t.param])
+                    d = step_denominator(optimizer, group, optimizer.state[t.param], out=buf)
                 if self.norm == "l0":
                     # keep iff sum_i z_i^2 / (2 eta_i) > lambda with eta_i = lr / d_i, i.e.
-                    # sum_i z_i^2 d_i > 2 lr lambda (d, a temporary, becomes the score in place)
-                    score = z.square() if d is None else d.mul_(z).mul_(z)
+                    # sum_i z_i^2 d_i > 2 lr lambda (the scratch d becomes the score in place)
+                    score = torch.square(z, out=buf) if d is None else d.mul_(z).mul_(z)
                     dims = reduce_dims(z, t.granularity)
-                    keep = (score.sum(dims, keepdim=True) if dims else score) > 2 * lr * lam
+                    limit = 2 * lr * lam
+                    if dims:
+                        keep = score.sum(dims, keepdim=True) > limit
+                    else:
+                        keep = torch.gt(
+                            score, limit, out=self._workspace.get(t.name + "/mask", z, torch.bool)
+                        )
                     z.mul_(keep)
-                    alive.append(keep.sum())
-                    total += keep.numel()
+                    if log:
+                        alive.append(keep.sum())
+                        total += keep.numel()
                 else:
                     eta: float | Tensor = lr if d is None else d.reciprocal_().mul_(lr)
                     z.copy_(group_soft_threshold(z, eta * lam, t.granularity))
-                    norms = group_norms(z, t.granularity)
-                    alive.append((norms > 0).sum())
-                    total += norms.numel()
-        pl_module.log(self.log_key, torch.stack(alive).sum() / total, on_step=True, on_epoch=False)
+                    if log:
+                        norms = group_norms(z, t.granularity)
+                        alive.append((norms > 0).sum())
+                        total += norms.numel()
+        if log:
+            fraction = torch.stack(alive).sum() / total
+            pl_module.log(self.log_key, fraction, on_step=True, on_epoch=False)

@@ -13,8 +13,11 @@ from torch import Tensor, nn
 from lightning_sparsity.callbacks._common import (
     Strength,
     Target,
+    Workspace,
+    check_log_every,
     check_strength,
     describe,
+    log_due,
     no_targets_message,
     optimizer_param_ids,
     raise_if_nonfinite,
@@ -67,6 +70,8 @@ class SparsityRegularizer(Callback):
             is ``sum_layers R`` (not multiplied by the strength).
         check_finite: raise as soon as the penalty of a layer is NaN or inf (one host sync per
             step).
+        log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
+            ``log_every_n_steps``), 0 never; ``self.log`` costs milliseconds, so not every step.
 
     Raises:
         ValueError: an unknown penalty or granularity, a negative or NaN strength (also from a
@@ -86,7 +91,8 @@ class SparsityRegularizer(Callback):
     Hooks used:
         ``setup`` (select layers, check granularities), ``on_train_start`` /
         ``on_train_epoch_start`` (evaluate the strength), ``on_before_optimizer_step`` (add the
-        penalty gradient, log the penalty).
+        penalty gradient, log the penalty), ``teardown`` (free the scratch tensors of the L1
+        penalties, one weight-sized tensor per layer during fit).
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class SparsityRegularizer(Callback):
         scale_by_size: bool = False,
         log_key: str | None = None,
         check_finite: bool = True,
+        log_every_n_steps: int | None = None,
     ) -> None:
         self.penalty_fn = penalty
         self.strength = strength
@@ -109,14 +116,17 @@ class SparsityRegularizer(Callback):
         self.scale_by_size = scale_by_size
         self.log_key = log_key
         self.check_finite = check_finite
+        self.log_every_n_steps = log_every_n_steps
         self._validate()
         self._targets: list[Target] = []
         self._current = 0.0
         self._param_ids: dict[int, set[int]] = {}
         self._attached = False
         self._cache: dict[int, list[Target]] = {}
+        self._workspace = Workspace()
 
     def _validate(self) -> None:
+        check_log_every(self.log_every_n_steps, owner=_OWNER)
         p = self.penalty_fn
         if isinstance(p, str):
             if p not in PENALTIES:
@@ -205,12 +215,16 @@ class SparsityRegularizer(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._attached = False
+            self._workspace.clear()
 
     # ------------------------------------------------------------------ maths
     def _accumulate(self, weights: list[Tensor], grans: list[str], out: list[Tensor]) -> Tensor:
         """``out += strength * grad R`` in place; returns the per-layer values of ``R``."""
         p = self.penalty_fn
         if isinstance(p, str):
+            scratch = None
+            if p in ("l1", "capped_l1", "bn_scale_l1"):  # they need sign(w): reuse scratch tensors
+                scratch = [self._workspace.get(str(i), w) for i, w in enumerate(weights)]
             result, _ = penalty_and_grads(
                 p,
                 weights,
@@ -219,6 +233,7 @@ class SparsityRegularizer(Callback):
                 scale_by_size=self.scale_by_size,
                 out=out,
                 alpha=self._current,
+                scratch=scratch,
             )
             return result
         values: list[Tensor] = []
@@ -275,6 +290,7 @@ class SparsityRegularizer(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
+        self._param_ids = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
@@ -300,9 +316,6 @@ class SparsityRegularizer(Callback):
                 raise_if_nonfinite(
                     values, [t.name for t in active], owner=_OWNER, what=f"penalty {self.name!r}"
                 )
-        pl_module.log(
-            self.log_key or f"sparsity/penalty/{self.name}",
-            values.sum(),
-            on_step=True,
-            on_epoch=False,
-        )
+        if log_due(trainer, self.log_every_n_steps, after_step=False):
+            key = self.log_key or f"sparsity/penalty/{self.name}"
+            pl_module.log(key, values.sum(), on_step=True, on_epoch=False)

@@ -14,9 +14,12 @@ from torch import Tensor
 from lightning_sparsity.callbacks._common import (
     Strength,
     Target,
+    Workspace,
+    check_log_every,
     check_number,
     check_strength,
     describe,
+    log_due,
     no_targets_message,
     optimizer_param_ids,
     raise_if_nonfinite,
@@ -67,6 +70,8 @@ class VariableSplitting(Callback):
         scale_by_size: the ``sqrt(|g|)`` weighting of the group term (the paper's form).
         final_projection: at the end of fit, set ``W = U``.
         check_finite: raise naming the layer when the penalty is NaN or inf.
+        log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
+            ``log_every_n_steps``), 0 never.
 
     Raises:
         ValueError: negative/NaN strength, ``beta <= 0``, ``beta_growth < 1``, bad granularity,
@@ -87,7 +92,8 @@ class VariableSplitting(Callback):
         ``on_train_epoch_start`` (grow ``beta``, evaluate the strength),
         ``on_before_optimizer_step`` (add the gradient, log), ``on_train_batch_end`` (update
         ``U`` after each optimizer step), ``on_train_end`` (``W = U``),
-        ``state_dict``/``load_state_dict`` (``U``, ``beta``, schedule position).
+        ``state_dict``/``load_state_dict`` (``U``, ``beta``, schedule position), ``teardown``
+        (free the scratch tensors: one weight-sized tensor per layer is kept during fit).
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class VariableSplitting(Callback):
         scale_by_size: bool = True,
         final_projection: bool = True,
         check_finite: bool = True,
+        log_every_n_steps: int | None = None,
     ) -> None:
         self.strength = strength
         self.initial_beta = beta
@@ -116,6 +123,7 @@ class VariableSplitting(Callback):
         self.scale_by_size = scale_by_size
         self.final_projection = final_projection
         self.check_finite = check_finite
+        self.log_every_n_steps = log_every_n_steps
         self._validate()
         #: the current coupling strength
         self.beta = float(beta)
@@ -128,8 +136,10 @@ class VariableSplitting(Callback):
         self._current = 0.0
         self._param_ids: dict[int, set[int]] = {}
         self._stepped = False
+        self._workspace = Workspace()
 
     def _validate(self) -> None:
+        check_log_every(self.log_every_n_steps, owner=_OWNER)
         self.strength = check_strength(self.strength, owner=_OWNER)
         if check_number(self.initial_beta, owner=_OWNER, arg="beta") <= 0:
             raise ValueError(f"`{_OWNER}(beta={self.initial_beta!r})`: expected `beta` > 0.")
@@ -201,6 +211,8 @@ class VariableSplitting(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
+        self._param_ids = {}
+        self._stepped = False
         restored = (self._restored or {}).get("U") or {}
         self._restored = None
         if restored:
@@ -255,15 +267,18 @@ class VariableSplitting(Callback):
                 out=param_grads,
                 alpha=self._current * scale,
             )
-            diffs = torch._foreach_sub(weights, [self.U[t.name] for t in active])
-            torch._foreach_add_(param_grads, diffs, alpha=self.beta * scale)
-            coupling = torch.stack(torch._foreach_norm(diffs, 2)).square()
-            values = (self._current * group + 0.5 * self.beta * coupling) * scale
+            us = [self.U[t.name] for t in active]
+            torch._foreach_add_(param_grads, weights, alpha=self.beta * scale)  # + beta (W - U)
+            torch._foreach_add_(param_grads, us, alpha=-self.beta * scale)
             if self.check_finite:  # raises before the optimizer step: the weights stay intact
                 names = [t.name for t in active]
-                raise_if_nonfinite(values, names, owner=_OWNER, what="the splitting penalty")
+                raise_if_nonfinite(group, names, owner=_OWNER, what="the group term")
+            if not log_due(trainer, self.log_every_n_steps, after_step=False):
+                return
+            coupling = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, us), 2))
+            value = ((self._current * group + 0.5 * self.beta * coupling.square()) * scale).sum()
         pl_module.log_dict(
-            {"sparsity/splitting/penalty": values.sum(), "sparsity/splitting/beta": self.beta},
+            {"sparsity/splitting/penalty": value, "sparsity/splitting/beta": self.beta},
             on_step=True,
             on_epoch=False,
         )
@@ -286,7 +301,14 @@ class VariableSplitting(Callback):
         threshold = self.threshold
         for t in self._targets:
             w = t.param.detach()
-            self.U[t.name].copy_(w).mul_(w.abs() > threshold)
+            magnitude = torch.abs(w, out=self._workspace.get(t.name, w))
+            keep = torch.gt(
+                magnitude, threshold, out=self._workspace.get(t.name + "/keep", w, torch.bool)
+            )
+            torch.mul(w, keep, out=self.U[t.name])
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._workspace.clear()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.final_projection:

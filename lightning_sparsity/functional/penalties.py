@@ -142,6 +142,7 @@ def penalty_and_grads(
     scale_by_size: bool = False,
     out: Sequence[Tensor] | None = None,
     alpha: float = 1.0,
+    scratch: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Values and closed-form gradients of the penalty ``name`` for several weights at once.
 
@@ -159,6 +160,8 @@ def penalty_and_grads(
         out: tensors shaped like ``weights`` to accumulate ``alpha * grad`` into; ``None`` to
             return new gradient tensors.
         alpha: the factor of the accumulated gradients (with ``out`` only).
+        scratch: tensors shaped like ``weights`` that "l1", "bn_scale_l1" and "capped_l1" may
+            overwrite (their ``sign(w)``), so that no temporary is allocated per call.
 
     Returns:
         ``(values, grads)``: a ``[len(weights)]`` tensor of per-layer values (not multiplied by
@@ -184,16 +187,24 @@ def penalty_and_grads(
     if not weights:
         return torch.zeros(0), grads
     grans = [granularity] * len(weights) if isinstance(granularity, str) else list(granularity)
+
+    def signs() -> list[Tensor]:
+        if scratch is None:
+            return list(torch._foreach_sign(weights))
+        torch._foreach_copy_(list(scratch), weights)
+        torch._foreach_sign_(list(scratch))
+        return list(scratch)
+
     if name in ("l1", "bn_scale_l1"):
         values = torch.stack(torch._foreach_norm(weights, 1))
-        torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=alpha)
+        torch._foreach_add_(grads, signs(), alpha=alpha)
         return values, grads
     if name == "capped_l1":
         cap = check_cap(cap, owner="penalty_and_grads")
         norms = _norms(weights, grans, 1)
         values = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(norms, cap), 1))
         masks = [(n <= cap).to(n.dtype).expand_as(w) for n, w in zip(norms, weights)]
-        torch._foreach_addcmul_(grads, torch._foreach_sign(weights), masks, value=alpha)
+        torch._foreach_addcmul_(grads, signs(), masks, value=alpha)
         return values, grads
     if name not in ("group_lasso", "l1_l2"):
         raise ValueError(
