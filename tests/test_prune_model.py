@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_sparsity.pruning.coupling import UnsupportedOpError
 from lightning_sparsity.pruning.export import dead_channels, plan_pruning, prune_model, verify_equal
+from lightning_sparsity.pruning.graph import TraceError
 
 
 @pytest.fixture(autouse=True)
@@ -597,3 +598,17 @@ def test_random_kills_stay_exact(killed: dict[str, set[int]], shifted: set[str],
     for layer, n in (("fc1", 3), ("lin1", 6)):
         gone = set(removed.get(layer, []))
         assert killed[layer] <= gone or len(gone) == n - 1  # or all died and one must stay
+
+
+class Branchy(Plain):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return super().forward(x)
+
+
+def test_untraceable_model_says_why() -> None:
+    net = randomize(Branchy())
+    kill(net.conv1, [0], net.bn1)
+    with pytest.raises(TraceError, match=r"torch.fx could not trace `Branchy`: TraceError: .*HINT"):
+        prune_model(net, torch.randn(1, 3, 8, 8))
