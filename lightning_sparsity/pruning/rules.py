@@ -80,7 +80,7 @@ def _module_act(a: Analysis, node: fx.Node, v: Tensor) -> Tensor:
     if isinstance(module, nn.PReLU):
         w = float(module.weight.detach().flatten()[0])
         return apply_const(lambda t: torch.where(t >= 0, t, w * t), v)
-    return apply_const(module, v)
+    return apply_const(module.forward, v)  # forward: no user hooks fire on these constants
 
 
 def _function_act(a: Analysis, node: fx.Node, v: Tensor) -> Tensor:
