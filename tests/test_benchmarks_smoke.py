@@ -93,3 +93,28 @@ def test_export_speed_quick(tmp_path: Path) -> None:
     assert data["models"]["vgg16"]["onnxruntime_speedup"] > 0
     md = (tmp_path / "export_speed.md").read_text()
     assert "| vgg16 |" in md and "| resnet50 |" in md
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    _run("overhead.py", "--quick", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert data["quick"] is True and data["machine"]["torch"]
+    configs = data["models"]["lenet5"]["configs"]
+    expected = {
+        "plain",
+        "regularizer group_lasso",
+        "regularizer l1_l2",
+        "regularizer capped_l1",
+        "regularizer l1",
+        "proximal l0 (group hard)",
+        "proximal l1 (group soft, per-coordinate)",
+        "splitting",
+    }
+    assert expected <= set(configs)
+    assert configs["plain"]["ratio"] == 1.0 and configs["plain"]["hook_median_ms"] == 0.0
+    for name, record in configs.items():
+        assert record["steps_timed"] >= 1 and record["median_ms"] > 0, name
+        if name != "plain":
+            assert record["hook_median_ms"] > 0, name  # the callback's hooks really ran
+    md = (tmp_path / "overhead.md").read_text()
+    assert "| plain |" in md and "| regularizer l1_l2 |" in md

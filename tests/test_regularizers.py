@@ -262,8 +262,21 @@ def test_nan_penalty_raises_naming_the_layer() -> None:
                 with torch.no_grad():
                     self.model[2].weight[0, 0, 0, 0] = float("nan")  # type: ignore[index]
 
-    with pytest.raises(RuntimeError, match=r"NaN or inf in layer\(s\) \['2'\]"):
+    # the NaN weight is in layer 2; back-propagation also spreads it into layer 0's gradient
+    match = r"penalty 'group_lasso' is NaN or inf in layer\(s\) \['2'\]; the gradient .*'0', '2'"
+    with pytest.raises(RuntimeError, match=match):
         fit([SparsityRegularizer("group_lasso", 0.1)], module=Poisoned())
+
+    # a non-finite value only in the data gradient is caught too, before the optimizer step
+    class BadGrad(Net):
+        def on_after_backward(self) -> None:
+            self.model[0].weight.grad[0, 0, 0, 0] = float("inf")  # type: ignore[index]
+
+    bad = BadGrad()
+    before = bad.model[0].weight.detach().clone()  # type: ignore[index]
+    with pytest.raises(RuntimeError, match=r"the gradient is NaN or inf in layer\(s\) \['0'\]"):
+        fit([SparsityRegularizer("l1", 0.1)], module=bad)
+    assert torch.equal(bad.model[0].weight, before)  # type: ignore[index]
 
 
 def test_regularizer_misconfiguration() -> None:

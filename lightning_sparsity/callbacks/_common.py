@@ -156,15 +156,26 @@ def refuse_sharded_strategy(trainer: Any, *, owner: str) -> None:
         )
 
 
-def raise_if_nonfinite(values: Tensor, names: Sequence[str], *, owner: str, what: str) -> None:
-    """Raise naming the layers whose ``values`` (one per layer) are NaN or inf (one device sync)."""
-    finite = torch.isfinite(values)
+def raise_if_nonfinite(
+    values: Tensor | dict[str, Tensor], names: Sequence[str], *, owner: str, what: str = ""
+) -> None:
+    """Raise naming the layers whose values are NaN or inf, with one device sync.
+
+    ``values``: one value per layer, or ``{description: per-layer values}`` for several checks
+    at once (e.g. the penalty and the gradient), each reported separately.
+    """
+    rows = values if isinstance(values, dict) else {what: values}
+    finite = torch.isfinite(torch.stack(list(rows.values())))
     if bool(finite.all()):
         return
-    bad = [name for name, ok in zip(names, finite.tolist()) if not ok]
+    problems = []
+    for description, ok in zip(rows, finite.tolist()):
+        bad = [name for name, good in zip(names, ok) if not good]
+        if bad:
+            problems.append(f"{description} is NaN or inf in layer(s) {bad}")
     raise RuntimeError(
-        f"`{owner}`: {what} is NaN or inf in layer(s) {bad}; stopping before the weights are "
-        "corrupted. HINT: lower the learning rate or the strength, or clip gradients "
+        f"`{owner}`: {'; '.join(problems)}; stopping before the weights are corrupted. HINT: "
+        "lower the learning rate or the strength, or clip gradients "
         "(`Trainer(gradient_clip_val=...)`)."
     )
 

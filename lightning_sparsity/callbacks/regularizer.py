@@ -68,8 +68,8 @@ class SparsityRegularizer(Callback):
             lasso).
         log_key: the logged metric; default ``"sparsity/penalty/<penalty name>"``. The logged value
             is ``sum_layers R`` (not multiplied by the strength).
-        check_finite: raise as soon as the penalty of a layer is NaN or inf (one host sync per
-            step).
+        check_finite: raise as soon as the penalty or the resulting gradient of a layer is NaN
+            or inf, before the optimizer step (one fused norm and one host sync per step).
         log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
             ``log_every_n_steps``), 0 never; ``self.log`` costs milliseconds, so not every step.
 
@@ -78,8 +78,9 @@ class SparsityRegularizer(Callback):
             schedule), a missing or negative ``cap``, a ``"kernel"`` granularity on a Linear layer,
             an unknown layer name.
         TypeError: arguments of the wrong type.
-        RuntimeError: a NaN/inf penalty during training (naming the layer); ``penalty(module)``
-            called in a training step while this callback also adds the gradient (double count).
+        RuntimeError: a NaN/inf penalty or gradient during training (naming the layer);
+            ``penalty(module)`` called in a training step while this callback also adds the
+            gradient (double count).
 
     Example::
 
@@ -218,13 +219,14 @@ class SparsityRegularizer(Callback):
             self._workspace.clear()
 
     # ------------------------------------------------------------------ maths
-    def _accumulate(self, weights: list[Tensor], grans: list[str], out: list[Tensor]) -> Tensor:
+    def _accumulate(self, active: list[Target], weights: list[Tensor], out: list[Tensor]) -> Tensor:
         """``out += strength * grad R`` in place; returns the per-layer values of ``R``."""
+        grans = [t.granularity for t in active]
         p = self.penalty_fn
         if isinstance(p, str):
             scratch = None
             if p in ("l1", "capped_l1", "bn_scale_l1"):  # they need sign(w): reuse scratch tensors
-                scratch = [self._workspace.get(str(i), w) for i, w in enumerate(weights)]
+                scratch = [self._workspace.get(t.name, w) for t, w in zip(active, weights)]
             result, _ = penalty_and_grads(
                 p,
                 weights,
@@ -311,11 +313,13 @@ class SparsityRegularizer(Callback):
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t in active]
             param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
-            values = self._accumulate(weights, [t.granularity for t in active], param_grads)
-            if self.check_finite:
-                raise_if_nonfinite(
-                    values, [t.name for t in active], owner=_OWNER, what=f"penalty {self.name!r}"
-                )
+            values = self._accumulate(active, weights, param_grads)
+            if self.check_finite:  # the penalty and the final gradient, in one host sync
+                checks = {
+                    f"the penalty {self.name!r}": values,
+                    "the gradient": torch.stack(torch._foreach_norm(param_grads)),
+                }
+                raise_if_nonfinite(checks, [t.name for t in active], owner=_OWNER)
         if log_due(trainer, self.log_every_n_steps, after_step=False):
             key = self.log_key or f"sparsity/penalty/{self.name}"
             pl_module.log(key, values.sum(), on_step=True, on_epoch=False)

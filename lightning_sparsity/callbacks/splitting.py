@@ -47,14 +47,16 @@ class VariableSplitting(Callback):
     ``growth_every_n_epochs`` epochs, so ``W`` is pulled ever closer to its sparse copy. ``U`` is
     initialised from the weights when training starts. At the end of fit (``final_projection``)
     the weights are replaced by ``U``: the sparse network the method produces, whose small weights
-    are exactly zero. ``U``, ``beta`` and the schedule position are saved in checkpoints and
-    restored on resume.
+    are exactly zero (checkpoints written during fit hold ``W``; ``U`` is in this callback's
+    state). ``U``, ``beta`` and the schedule position are saved in checkpoints and restored on
+    resume.
 
     ``divide_by``: the authors' code divides the regularizer by the training-set size ``N``
     (60000 for MNIST), i.e. ``lambda`` and ``beta`` are per-sample. ``divide_by=N`` reproduces that:
     both gradient terms are divided by ``N``; the threshold ``sqrt(2 lambda / beta)`` is unchanged.
     Their LeNet-5 recipe: Adam lr 1e-3, batch 100, ``strength=0.1``, ``beta=2.5``,
-    ``beta_growth=1.25``, ``growth_every_n_epochs=40``, ``divide_by=60000``, all four layers.
+    ``beta_growth=1.25``, ``growth_every_n_epochs=40``, ``divide_by=60000``, all four layers
+    (``linear_granularity="channel"`` keeps the output layer in, grouped by input neuron).
 
     Args:
         strength: ``lambda`` (>= 0) or a schedule ``epoch -> float``.
@@ -69,7 +71,8 @@ class VariableSplitting(Callback):
         divide_by: divide the regularizer's gradient by this (> 0), e.g. the training-set size.
         scale_by_size: the ``sqrt(|g|)`` weighting of the group term (the paper's form).
         final_projection: at the end of fit, set ``W = U``.
-        check_finite: raise naming the layer when the penalty is NaN or inf.
+        check_finite: raise naming the layer when the penalty or the resulting gradient is NaN or
+            inf, before the optimizer step.
         log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
             ``log_every_n_steps``), 0 never.
 
@@ -77,7 +80,8 @@ class VariableSplitting(Callback):
         ValueError: negative/NaN strength, ``beta <= 0``, ``beta_growth < 1``, bad granularity,
             unknown layers, ``"kernel"`` on a Linear layer.
         TypeError: arguments of the wrong type.
-        RuntimeError: a NaN/inf penalty (naming the layer); a restored ``U`` that does not fit.
+        RuntimeError: a NaN/inf penalty or gradient (naming the layer); a restored ``U`` that
+            does not fit.
 
     Example::
 
@@ -271,8 +275,11 @@ class VariableSplitting(Callback):
             torch._foreach_add_(param_grads, weights, alpha=self.beta * scale)  # + beta (W - U)
             torch._foreach_add_(param_grads, us, alpha=-self.beta * scale)
             if self.check_finite:  # raises before the optimizer step: the weights stay intact
-                names = [t.name for t in active]
-                raise_if_nonfinite(group, names, owner=_OWNER, what="the group term")
+                checks = {
+                    "the group term": group,
+                    "the gradient": torch.stack(torch._foreach_norm(param_grads)),
+                }
+                raise_if_nonfinite(checks, [t.name for t in active], owner=_OWNER)
             if not log_due(trainer, self.log_every_n_steps, after_step=False):
                 return
             coupling = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, us), 2))
