@@ -263,7 +263,7 @@ class ProximalSparsity(Callback):
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t, *_ in pending]
             if self.check_finite:
-                values = torch.stack(torch._foreach_norm(weights, 1))
+                values = torch.stack(torch._foreach_norm(weights))  # NaN/inf propagate
                 names = [t.name for t, *_ in pending]
                 raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
             alive, total = [], 0
