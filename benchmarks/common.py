@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -55,11 +56,16 @@ def machine_info() -> dict[str, Any]:
 
 
 def merge_results(path: Path, key: str, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Read the JSON at ``path`` (if any), set ``data[key][name] = record`` and write it back."""
-    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault(key, {})[name] = record
+    """Read the JSON at ``path`` (if any), set ``data[key][name] = record`` and write it back,
+    under an exclusive lock (methods may run in parallel processes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(key, {})[name] = record
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
     return data
 
 

@@ -23,6 +23,7 @@ import gzip
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,7 @@ def _epoch_recorder() -> Any:
             row.update(live_counts(pl_module.model))
             row["seconds"] = round(time.perf_counter() - self._start, 2)
             self.curve.append(row)
+            print(f"[lenet5]   epoch {row}", flush=True)
 
     return EpochRecorder()
 
@@ -281,7 +283,7 @@ def run_method(
     limit_batches: int | None,
     eval_split: str,
     eval_limit: int | None,
-    tp_target_params: int | None = None,
+    tp_target_params: int | Callable[[], int | None] | None = None,
     seed: int = 0,
     overrides: list[str] | None = None,
     export: bool = True,
@@ -306,6 +308,7 @@ def run_method(
     finetune_epochs = 0
     if tp_cfg is not None:
         pruner = _tp_pruner(model, example, tp_cfg)
+        model.train()  # building the dependency graph leaves the model in eval mode
         callbacks.append(_torch_pruning_regularizer(pruner))
         finetune_epochs = int(tp_cfg.get("finetune_epochs", 0))
     callbacks.append(recorder)
@@ -316,8 +319,11 @@ def run_method(
     _trainer(sparse_epochs, callbacks, limit_batches).fit(module, loader)
     tp_info: dict[str, Any] = {}
     if pruner is not None:
-        target = tp_target_params or int(tp_cfg.get("target_params", 3000))
+        # read when the sparse training ends, so other methods may finish meanwhile
+        found = tp_target_params() if callable(tp_target_params) else tp_target_params
+        target = found or int(tp_cfg.get("target_params", 3000))
         tp_info = _tp_prune_to(pruner, model, example, target)
+        model.train()
         if finetune_epochs and epochs > sparse_epochs:
             ft = _module(model, cfg, epochs)
             ft_recorder = _epoch_recorder()
@@ -348,7 +354,9 @@ def run_method(
     widths = exported_widths(exported)
     if not export:  # tuning without the export: sizes from the live counts and the formulas
         live = live_counts(model)
-        widths = {k: live[k] for k in ("conv1", "conv2", "fc1_in")} | {"fc2_in": live["fc1"]}
+        fc1_in = min(live["fc1_in"], 16 * live["conv2"])  # the export drops dead channels' columns
+        widths = {"conv1": live["conv1"], "conv2": live["conv2"], "fc1_in": fc1_in}
+        widths["fc2_in"] = live["fc1"]
         params = lenet5_report.lenet_params(*widths.values())
         macs = lenet5_report.lenet_macs(*widths.values())
     epoch_secs = [row["seconds"] for row in recorder.curve]
@@ -448,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tag", default="", help="store the result as <method><tag>")
     parser.add_argument("--no_export", action="store_true", help="tuning: sizes from live counts")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--report", action="store_true", help="only rebuild the .md and .png")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 batches, 1 epoch, 1000 images")
     parser.add_argument("--eval", choices=("test", "val"), default="test")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -456,16 +465,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp_target_params", type=int, default=None)
     args = parser.parse_args(argv)
 
+    out_json = args.out / "lenet5_mnist.json"
+    if args.report:
+        lenet5_report.write(json.loads(out_json.read_text()), args.out)
+        return 0
     torch.set_num_threads(args.threads)
     methods = args.method or METHODS
     epochs = 1 if args.quick else args.epochs
     limit_batches = 3 if args.quick else None
     eval_limit = 1000 if args.quick else None
     data = load_mnist(args.data_dir)
-    out_json = args.out / "lenet5_mnist.json"
     for name in methods:
-        existing = json.loads(out_json.read_text()) if out_json.exists() else {}
-        target = args.tp_target_params or _tp_target_from(existing)
+
+        def target() -> int | None:
+            existing = json.loads(out_json.read_text()) if out_json.exists() else {}
+            return args.tp_target_params or _tp_target_from(existing)
+
         print(f"[lenet5] {name}: {epochs} epoch(s) ...", flush=True)
         record = run_method(
             name,

@@ -45,9 +45,28 @@ def _targets(name: str, r: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+ORDER = [
+    "dense",
+    "l1_l2",
+    "l0_proximal",
+    "l0_l21_splitting",
+    "capped_l1",
+    "group_lasso",
+    "l1",
+    "lightning_model_pruning",
+    "torch_pruning",
+]
+
+
+def _ordered(data: dict[str, Any]) -> dict[str, Any]:
+    methods = data.get("methods", {})
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(methods.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+
 def table(data: dict[str, Any]) -> str:
     """The markdown table: measured rows, then the published ones."""
-    methods = data.get("methods", {})
+    methods = _ordered(data)
     lines = [
         "| method | paper / tool | kept conv1-conv2-fc1in-fc2in | test acc | params | removed "
         "| MACs | train time | targets |",
@@ -95,7 +114,8 @@ def _meta_line(data: dict[str, Any]) -> str:
 
 def write(data: dict[str, Any], out: Path) -> None:
     """Write ``lenet5_mnist.md`` and ``lenet5_mnist.png`` into ``out``."""
-    notes = data.get("notes", "")
+    notes_file = out / "lenet5_mnist_notes.md"  # hand-written: what was tried, what was missed
+    notes = notes_file.read_text().strip() if notes_file.exists() else ""
     md = (
         "# LeNet-5-Caffe on MNIST\n\n"
         + _meta_line(data)
@@ -115,7 +135,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = data.get("methods", {})
+    methods = _ordered(data)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     ax = axes[0]
     for name, r in methods.items():
@@ -129,7 +149,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("parameters of the exported model (log)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("LeNet-5-Caffe / MNIST")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     for ax, layer, full in zip(axes[1:], ("conv1", "conv2", "fc1"), (20, 50, 500)):
         for name, r in methods.items():
             curve = r.get("curve", [])
