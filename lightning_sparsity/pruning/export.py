@@ -80,6 +80,19 @@ def _check_plain_weights(model: nn.Module) -> None:
             )
 
 
+def _check_finite(model: nn.Module) -> None:
+    """A NaN/inf weight is neither dead nor comparable: refuse it, naming the tensors."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"`prune_model(model)`: expected finite weights, got NaN or inf in {bad[:8]}"
+            f"{'...' if len(bad) > 8 else ''}; dead channels cannot be told and the pruned model "
+            "cannot be verified. HINT: the training diverged: lower the learning rate or the "
+            "regularisation strength, or clip gradients."
+        )
+
+
 def plan_pruning(model: nn.Module, example_inputs: ExampleInputs) -> ChannelPlan:
     """The coupling analysis of ``model``: which channels go, what is folded, what stays and why.
 
@@ -274,7 +287,8 @@ def prune_model(
         TypeError: ``model`` is not an ``nn.Module`` or ``example_inputs`` not tensors.
         ValueError: the forward fails on ``example_inputs`` (message: expected vs got), an op the
             analysis cannot follow receives a dead channel (``UnsupportedOpError``, naming the op
-            and the layer), or nothing can be removed (unless ``allow_unchanged``).
+            and the layer), nothing can be removed (unless ``allow_unchanged``), or a weight or
+            buffer holds NaN or inf (named).
         lightning_sparsity.pruning.graph.TraceError: the model cannot be traced.
         RuntimeError: the check fails (outputs differ beyond ``atol + rtol * |output|``).
     """
@@ -288,6 +302,7 @@ def prune_model(
     inputs = as_inputs(example_inputs)
     _check_device(model, inputs, "prune_model")
     _check_plain_weights(model)
+    _check_finite(model)
     work = copy.deepcopy(model)
     plan = analyze(shape_trace(work, inputs))
     if not plan.changed:
