@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_sparsity.callbacks._common import refuse_sharded_strategy
 from lightning_sparsity.checkpoint import PrunedCheckpointMixin, pruned_checkpoint
 from lightning_sparsity.pruning.deploy import (
     as_args,
@@ -194,6 +195,7 @@ class PrunedExport(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, owner=_OWNER)
         if "onnx" in self.formats:
             missing = missing_onnx_packages(verify=self.verify)
             if missing:
