@@ -179,7 +179,8 @@ class Analysis:
 
     def fixed(self, meta: Any, reason: str) -> Any:
         """Pinned spaces for a tensor (or tuple of tensors) whose channels cannot change."""
-        if isinstance(meta, (tuple, list)):
+        # ShapeProp's TensorMetadata is itself a NamedTuple: only a tuple *of* metadata recurses
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
             return tuple(self.fixed(m, reason) for m in meta)
         shape = getattr(meta, "shape", None)
         if shape is None or len(shape) < 2:
