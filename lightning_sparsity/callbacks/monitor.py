@@ -141,14 +141,14 @@ class SparsityMonitor(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # the monitor only acts while training
         if not trainer.loggers:
             raise RuntimeError(
                 "`SparsityMonitor`: the Trainer has no logger (`logger=False`), so there is "
                 "nowhere to log the sparsity curves. HINT: `Trainer(logger=TensorBoardLogger("
                 "'runs'))`, or remove the callback."
             )
-        if stage != "fit":
-            return
         refuse_sharded_strategy(trainer, owner="SparsityMonitor")
         network = resolve_network(pl_module)
         selected = select_layers(network, self.layers, owner="SparsityMonitor")

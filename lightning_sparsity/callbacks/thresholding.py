@@ -54,6 +54,8 @@ class FilterThresholding(Callback):
     units are zeroed before every optimizer step, and their optimizer state (momentum, Adam moments,
     RMSprop averages: every state tensor shaped like the parameter) is zeroed, so nothing revives
     them. Decisions are computed from the weights and broadcast from rank 0 (identical under DDP).
+    The masks are saved in checkpoints under :attr:`state_key` (built from ``threshold``, ``norm``,
+    ``relative``, ``criterion``, ``fraction`` and ``layers``): resume with the same arguments.
 
     Args:
         threshold: kill filters whose norm is below this (>= 0); ``None`` to use only ``criterion``.
