@@ -163,7 +163,10 @@ def test_fused_gradients_accumulate_in_place(name: str, options: dict) -> None:
     weights[0][2] = 0.0
     out = [torch.randn_like(w) for w in weights]
     before = [o.clone() for o in out]
-    values, grads = penalty_and_grads(name, weights, "filter", out=out, alpha=0.25, **options)
+    scratch = [torch.empty_like(w) for w in weights]
+    values, grads = penalty_and_grads(
+        name, weights, "filter", out=out, alpha=0.25, scratch=scratch, **options
+    )
     assert all(g is o for g, o in zip(grads, out))  # accumulated in place
     ref_values, ref_grads = penalty_and_grads(name, weights, "filter", **options)
     torch.testing.assert_close(values, ref_values)

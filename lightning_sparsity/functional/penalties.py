@@ -191,9 +191,7 @@ def penalty_and_grads(
     def signs() -> list[Tensor]:
         if scratch is None:
             return list(torch._foreach_sign(weights))
-        torch._foreach_copy_(list(scratch), weights)
-        torch._foreach_sign_(list(scratch))
-        return list(scratch)
+        return [torch.sign(w, out=b) for w, b in zip(weights, scratch)]  # 1 pass, not copy + sign_
 
     if name in ("l1", "bn_scale_l1"):
         values = torch.stack(torch._foreach_norm(weights, 1))
