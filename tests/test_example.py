@@ -52,7 +52,12 @@ def test_main_job_short_options(data_root: Path, tmp_path: Path) -> None:
     assert match, stdout
     accuracy = float(match.group(1))
     assert 0.5 < accuracy <= 1.0  # 20 Adam steps already beat chance (0.1) by far
-    assert "tested weights: " in stdout and "best.ckpt" in stdout
+    assert "tested weights: last epoch" in stdout
+    # the exported pruned checkpoint, reloaded and tested, classifies exactly as the trained net
+    pruned = re.search(r"pruned test accuracy: (\d\.\d{4})", stdout)
+    assert pruned, stdout
+    assert float(pruned.group(1)) == pytest.approx(accuracy, abs=1e-4)
+    assert re.search(r"parameters: 431,080 -> [\d,]+", stdout), stdout
 
     (log_dir,) = (out / "tensorboard").glob("version_*")
     logged = scalars(log_dir)
@@ -82,8 +87,8 @@ def test_main_job_from_a_yaml_config(data_root: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     stdout = run("--config", str(path), *FAST)
     assert re.search(r"test accuracy: \d\.\d{4}", stdout), stdout
-    # the YAML's list replaced the default one: only Lightning's own unmonitored checkpoint is left
-    assert re.search(r"tested weights: .*epoch=0-step=20\.ckpt", stdout), stdout
+    # the YAML's list replaced the default one: no PrunedExport, so no pruned model is tested
+    assert "tested weights: last epoch" in stdout and "pruned test accuracy" not in stdout
 
     (log_dir,) = (out / "tb").glob("version_*")
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
