@@ -220,20 +220,45 @@ def test_sharded_strategies_are_refused_with_a_clear_error(tmp_path: Path) -> No
     stack, _ = rc.build_callbacks(tmp_path / "export")
     library = [cb for cb in stack if type(cb).__module__.startswith("lightning_sparsity")]
     assert len({type(cb) for cb in library}) == 6
-    for callback in library:
-        trainer = pl.Trainer(
-            strategy=CPUFSDPStrategy(),
-            accelerator="cpu",
-            devices=1,
-            max_steps=1,
-            callbacks=[callback],
-            logger=pl.loggers.CSVLogger(tmp_path),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        expected = rf"`{type(callback).__name__}`.*CPUFSDPStrategy.*shards.*ddp"
-        with pytest.raises(RuntimeError, match=expected):
-            trainer.fit(rc.LitTiny(), rc.loader(8))
-    if torch.distributed.is_initialized():  # the 1-process group FSDP's setup_environment made
-        torch.distributed.destroy_process_group()
+    try:
+        for callback in library:
+            trainer = pl.Trainer(
+                strategy=CPUFSDPStrategy(),
+                accelerator="cpu",
+                devices=1,
+                max_steps=1,
+                callbacks=[callback],
+                logger=pl.loggers.CSVLogger(tmp_path),
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            expected = rf"`{type(callback).__name__}`.*CPUFSDPStrategy.*shards.*ddp"
+            with pytest.raises(RuntimeError, match=expected):
+                trainer.fit(rc.LitTiny(), rc.loader(8))
+    finally:
+        if torch.distributed.is_initialized():  # the 1-process group of setup_environment
+            torch.distributed.destroy_process_group()
+
+
+def test_the_sharding_check_knows_each_strategy() -> None:
+    """The check behind the refusal, on Lightning's own strategy classes (instances made without
+    ``__init__`` where it needs packages or devices this machine lacks)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
+    from lightning_sparsity.callbacks._common import refuse_sharded_strategy
+
+    for cls in (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy):
+        strategy = object.__new__(cls)
+        with pytest.raises(RuntimeError, match=rf"`Owner`.*{cls.__name__}.*ddp"):
+            refuse_sharded_strategy(SimpleNamespace(strategy=strategy), owner="Owner")
+    for ok in (DDPStrategy(), SingleDeviceStrategy("cpu")):
+        refuse_sharded_strategy(SimpleNamespace(strategy=ok), owner="Owner")
