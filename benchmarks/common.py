@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,8 @@ def merge_results(path: Path, key: str, name: str, record: dict[str, Any]) -> di
     """Read the JSON at ``path`` (if any), set ``data[key][name] = record`` and write it back,
     under an exclusive lock (methods may run in parallel processes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    lock_path = Path(tempfile.gettempdir()) / f"lightning_sparsity_{path.name}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         data.setdefault(key, {})[name] = record

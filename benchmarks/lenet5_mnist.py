@@ -424,7 +424,8 @@ def _tp_target_from(results: dict[str, Any]) -> int | None:
     ours = {
         k: v
         for k, v in results.get("methods", {}).items()
-        if k not in ("dense", "lightning_model_pruning", "torch_pruning") and not v.get("quick")
+        if not k.startswith(("dense", "lightning_model_pruning", "torch_pruning"))
+        and not v.get("quick")
     }
     if not ours:
         return None

@@ -42,6 +42,8 @@ def _targets(name: str, r: dict[str, Any]) -> str:
     if name in PAPERS:
         ok = r["accuracy"] >= 0.99 and r["params_removed"] >= 0.90
         notes.append(">= 99.0% and >= 90% removed: " + ("met" if ok else "MISSED"))
+    if "torch_pruning" in r:
+        notes.append(f"pruned to <= {r['torch_pruning']['target_params']} params")
     return "; ".join(notes)
 
 
@@ -55,6 +57,7 @@ ORDER = [
     "l1",
     "lightning_model_pruning",
     "torch_pruning",
+    "torch_pruning_3k",
 ]
 
 
@@ -68,9 +71,9 @@ def table(data: dict[str, Any]) -> str:
     """The markdown table: measured rows, then the published ones."""
     methods = _ordered(data)
     lines = [
-        "| method | paper / tool | kept conv1-conv2-fc1in-fc2in | test acc | params | removed "
-        "| MACs | train time | targets |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | paper / tool | kept conv1-conv2-fc1in-fc2in | test acc | val acc | params "
+        "| removed | MACs | train wall time | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in methods.items():
         w = r["widths"]
@@ -78,18 +81,19 @@ def table(data: dict[str, Any]) -> str:
         quick = " (quick)" if r.get("quick") else ""
         lines.append(
             f"| {name}{quick} | {r.get('paper', '')} | {w['conv1']}-{w['conv2']}-{w['fc1_in']}-"
-            f"{w['fc2_in']} | {100 * r['accuracy']:.2f}%{split} | {fmt_int(r['params'])} | "
+            f"{w['fc2_in']} | {100 * r['accuracy']:.2f}%{split} | "
+            f"{100 * r.get('val_accuracy', float('nan')):.2f}% | {fmt_int(r['params'])} | "
             f"{100 * r['params_removed']:.1f}% | {fmt_int(r['macs'])} | "
             f"{r['train_time_s'] / 60:.1f} min ({r['epochs']} ep) | {_targets(name, r)} |"
         )
     for label, widths, acc, note in PUBLISHED:
         if widths is None:
-            lines.append(f"| *{label}* | published | {note} | {100 * acc:.1f}% | | | | | |")
+            lines.append(f"| *{label}* | published | {note} | {100 * acc:.1f}% | | | | | | |")
             continue
         p, m = lenet_params(*widths), lenet_macs(*widths)
         kept = "-".join(str(v) for v in widths)
         lines.append(
-            f"| *{label}* | published | {kept} | {100 * acc:.1f}% | {fmt_int(p)} | "
+            f"| *{label}* | published | {kept} | {100 * acc:.1f}% | | {fmt_int(p)} | "
             f"{100 * (1 - p / DENSE_PARAMS):.1f}% | {fmt_int(m)} | | |"
         )
     return "\n".join(lines)
