@@ -68,7 +68,7 @@ def l1_l2(weight: Tensor, granularity: str = "filter") -> Tensor:
     """
     n = group_norms(weight, granularity)
     s2 = torch.linalg.vector_norm(n)
-    positive = s2 > 0
+    positive = s2 != 0  # not `> 0`: a NaN must reach the value, not turn it into 0
     return torch.where(positive, n.sum() / torch.where(positive, s2, 1.0), 0.0)
 
 
@@ -223,7 +223,7 @@ def penalty_and_grads(
     else:
         # l1_l2: R = s1 / s2 with s2 = ||n||_2 = ||w||_F;  dR/dw_g = (1/(n_g s2) - R/s2^2) w_g
         s2 = torch.stack(torch._foreach_norm(weights, 2))
-        positive = s2 > 0
+        positive = s2 != 0  # not `> 0`: a NaN weight must give a NaN value, not 0
         s2safe = torch.where(positive, s2, 1.0)
         values = torch.where(positive, s1 / s2safe, 0.0)
         first, second = (1.0 / s2safe).unbind(), (values / s2safe.square()).unbind()
