@@ -175,3 +175,31 @@ def test_export_refuses_non_finite_weights_naming_the_layer(
     with pytest.raises((RuntimeError, ValueError), match=r"NaN or inf.*conv1"):
         trainer.fit(rc.LitTiny(), rc.loader(32))
     assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
+
+
+# min(inf, cap) = cap: capped L1 rightly leaves an inf group unpenalised (the callbacks' gradient
+# check catches that case); a NaN must still show
+PENALTY_CASES = [
+    *[(name, bad) for name in ("l1", "group_lasso", "l1_l2") for bad in ("nan", "inf")],
+    ("capped_l1", "nan"),
+]
+
+
+@pytest.mark.parametrize(("name", "bad"), PENALTY_CASES)
+def test_penalty_values_do_not_hide_a_non_finite_weight(name: str, bad: str) -> None:
+    """The functional penalties, alone and fused: a NaN/inf weight gives a non-finite value (the
+    callbacks' guard reads these values), never a finite one such as 0."""
+    from lightning_sparsity.functional.penalties import PENALTIES, penalty_and_grads
+
+    w = torch.randn(4, 3, 3, 3)
+    w[1, 0, 0, 0] = float(bad)
+    kwargs: dict[str, Any] = {"cap": 0.5} if name == "capped_l1" else {}
+    values, _ = penalty_and_grads(name, [w, torch.randn(2, 3)], ["filter", "filter"], **kwargs)
+    assert not bool(torch.isfinite(values[0])) and bool(torch.isfinite(values[1]))
+    if name == "l1":
+        alone = PENALTIES[name](w)
+    elif name == "capped_l1":
+        alone = PENALTIES[name](w, 0.5, "filter")
+    else:
+        alone = PENALTIES[name](w, "filter")
+    assert not bool(torch.isfinite(alone))
