@@ -112,7 +112,7 @@ class PrunedCheckpointMixin(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[WIDTHS_KEY] = describe_widths(self)
+        checkpoint[WIDTHS_KEY] = describe_widths(self, getattr(self, "_pruned_inputs", None))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         widths = checkpoint.get(WIDTHS_KEY)
@@ -125,6 +125,8 @@ class PrunedCheckpointMixin(pl.LightningModule):
         if widths is not None:
             try:
                 reshape_to_widths(self, widths, checkpoint.get("state_dict", {}), strict=False)
+                if isinstance(widths, dict) and widths.get("inputs") is not None:
+                    self._pruned_inputs = widths["inputs"]
             except ValueError as err:
                 raise ValueError(
                     f"`{type(self).__name__}.load_from_checkpoint`: the checkpoint's pruned widths "
@@ -169,18 +171,21 @@ def pruned_checkpoint(
     epoch: int = 0,
     global_step: int = 0,
     metadata: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A Lightning checkpoint dict for a pruned ``module``: ``state_dict`` (CPU tensors),
     ``hyper_parameters`` (plain ones only), ``pytorch-lightning_version``, ``epoch``,
     ``global_step``, ``pruned_widths`` and ``pruned_metadata``; no optimizer or loop state and no
     pickled class. The module's own ``on_save_checkpoint`` is not called (it may need a Trainer).
+    ``inputs`` (:func:`~lightning_sparsity.pruning.widths.describe_inputs`) lets loading check
+    with a forward pass that coupled widths agree.
     """
     checkpoint: dict[str, Any] = {
         "epoch": int(epoch),
         "global_step": int(global_step),
         "pytorch-lightning_version": pl.__version__,
         "state_dict": cpu_state_dict(module),
-        WIDTHS_KEY: describe_widths(module),
+        WIDTHS_KEY: describe_widths(module, inputs),
         "pruned_metadata": to_plain(dict(metadata or {}), "metadata"),
     }
     if module.hparams:

@@ -268,14 +268,6 @@ def test_report_numbers(crashes: dict[str, Any]) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="PrunedExport takes its example inputs from the first training batch and does not keep "
-    "them in its state: resuming a run that had finished (e.g. after a crash during the export) "
-    "runs no batch, so the export fails with 'no example inputs' unless `example_inputs=` is "
-    "given. Fix (export owner): save the captured example in `state_dict`.",
-)
 def test_export_after_resuming_a_finished_run_without_example_inputs(tmp_path: Path) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -300,9 +292,14 @@ def test_export_after_resuming_a_finished_run_without_example_inputs(tmp_path: P
         return export
 
     fit(None)
-    (tmp_path / "export" / "pruned.pt").unlink()  # as if the export had been interrupted
-    export = fit(tmp_path / "last.ckpt")
+    # as if the export had been killed half-way: no file under the real name, a stale temporary
+    (tmp_path / "export" / "pruned.pt").unlink()
+    stale = tmp_path / "export" / ".pruned.abc123.tmp.pt"
+    stale.write_bytes(b"half-written")
+    export = fit(tmp_path / "last.ckpt")  # runs no batch: the example comes from the checkpoint
     assert export.paths["pt"].is_file()
+    assert not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["pruned.pt"]
 
 
 class KillConv1Filter:

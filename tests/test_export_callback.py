@@ -204,7 +204,12 @@ def test_loaded_checkpoint_fine_tunes_and_its_checkpoints_resume(
     trainer(tmp_path, [ckpt_cb], enable_checkpointing=True).fit(loaded, loader())
     assert loaded.model.conv1.out_channels == 3 and loaded.global_step == 3
     last = tmp_path / "ft" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["pruned_widths"] == describe_widths(loaded)
+    saved = torch.load(last, weights_only=False)["pruned_widths"]
+    assert saved["modules"] == describe_widths(loaded)["modules"]
+    # the exported input shapes carry over, so the fine-tuning checkpoint is checked on load too
+    assert (
+        saved["inputs"] == torch.load(exported["export"].paths["ckpt"])["pruned_widths"]["inputs"]
+    )
     # resuming the interrupted fine-tuning into a freshly built, full-width module
     fresh = LitTiny()
     t = trainer(tmp_path, [], max_epochs=2)

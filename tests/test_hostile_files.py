@@ -499,24 +499,19 @@ def test_a_good_file_still_loads(tmp_path: Path) -> None:
     assert copy.deepcopy(lit).model.conv1.out_channels == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="load_pruned checks each module's widths alone, not that coupled layers agree "
-    "(conv1 -> bn1 -> dw): a self-consistent-per-layer file loads into a model that fails at "
-    "forward. Fix (pruning core): check coupled widths with the fx coupling analysis at load.",
-)
 def test_widths_that_disagree_between_coupled_layers_are_refused(tmp_path: Path) -> None:
-    obj = _good_pruned_file(tmp_path / "good.pt")
+    # saved with example inputs (as PrunedExport does): loading runs a forward pass that catches
+    # widths which fit each layer alone but not each other
+    save_pruned(pruned_net(), tmp_path / "good.pt", example_inputs=torch.rand(2, 3, 8, 8))
+    obj = torch.load(tmp_path / "good.pt", weights_only=True)
+    assert obj["pruned_widths"]["inputs"]["specs"] == [{"shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert load_pruned(tmp_path / "good.pt", Net())(torch.rand(2, 3, 8, 8)).shape == (2, 5)
     obj["pruned_widths"]["modules"]["conv1"]["out_channels"] = 5  # bn1 and dw keep 6
     for key in ("conv1.weight", "conv1.bias"):
         obj["state_dict"][key] = obj["state_dict"][key][:5].clone()
     torch.save(obj, tmp_path / "bad.pt")
     fresh = Net()
     before = snapshot(fresh)
-    try:
+    with pytest.raises(ValueError, match="do not fit together"):
         load_pruned(tmp_path / "bad.pt", fresh)
-    except ValueError:
-        assert_untouched(fresh, before)
-        return
-    fresh(torch.rand(2, 3, 8, 8))  # RuntimeError: running_mean should contain 5 elements not 6
+    assert_untouched(fresh, before)  # the replaced layers were put back

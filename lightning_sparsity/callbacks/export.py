@@ -31,6 +31,7 @@ from lightning_sparsity.pruning.serialization import (
     read_checkpoint,
     save_pruned,
 )
+from lightning_sparsity.pruning.widths import describe_inputs
 
 #: format -> file suffix. "ckpt": Lightning checkpoint of the whole pruned LightningModule;
 #: "pt": `save_pruned` file of the pruned network; "pt2": torch.export program; "onnx": ONNX.
@@ -231,6 +232,7 @@ class PrunedExport(Callback):
         error: BaseException | None = None
         if trainer.is_global_zero:
             try:
+                self._remove_stale_temporaries(dirpath)
                 paths, report = self._export(trainer, pl_module, dirpath)
                 outcome = ("ok", paths, report)
             except Exception as err:
@@ -244,7 +246,35 @@ class PrunedExport(Callback):
             raise RuntimeError(f"`{_OWNER}` failed on global rank 0: {outcome[1]}")
         self.paths, self.report = outcome[1], outcome[2]
 
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            dirpath=None if self.dirpath is None else str(self.dirpath),
+            filename=self.filename,
+            formats=tuple(self.formats),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # the example captured from the first batch (two samples, CPU), so that a run resumed
+        # after its last batch (a crash during the export) can still export
+        return {"captured": None if self._captured is None else list(self._captured)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        captured = state_dict.get("captured")
+        if captured is not None and self._captured is None:
+            self._captured = tuple(t.detach().to("cpu") for t in captured)
+
     # ------------------------------------------------------------------ work
+    def _remove_stale_temporaries(self, dirpath: Path) -> None:
+        """Delete temporary files an earlier, killed export left beside its targets."""
+        if not dirpath.is_dir():
+            return
+        for stale in dirpath.glob(f".{self.filename}.*.tmp*"):
+            if stale.is_file():
+                stale.unlink()
+                rank_zero_info(f"`{_OWNER}`: removed {stale}, left by an interrupted export")
+
     def _default_dir(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir) / "pruned"  # log_dir: all ranks
 
@@ -315,7 +345,7 @@ class PrunedExport(Callback):
                     trainer, pl_module, module, name, example, path, metadata
                 )
             elif fmt == "pt":
-                paths[fmt] = save_pruned(pruned, path, metadata=metadata)
+                paths[fmt] = save_pruned(pruned, path, metadata=metadata, example_inputs=example)
                 if self.verify:
                     loaded = load_pruned(path, copy.deepcopy(network))
                     self._check(expected, run_outputs(loaded.eval(), example), path)
@@ -354,7 +384,11 @@ class PrunedExport(Callback):
         metadata: dict[str, Any],
     ) -> Path:
         checkpoint = pruned_checkpoint(
-            module, epoch=trainer.current_epoch, global_step=trainer.global_step, metadata=metadata
+            module,
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            metadata=metadata,
+            inputs=describe_inputs(example, name),
         )
         network = module.get_submodule(name)
         expected = run_outputs(network, example)

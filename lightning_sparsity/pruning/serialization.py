@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_sparsity.pruning.widths import describe_widths, reshape_to_widths
+from lightning_sparsity.pruning.widths import describe_inputs, describe_widths, reshape_to_widths
 
 FILE_FORMAT = "lightning_sparsity.pruned"
 FILE_VERSION = 1
@@ -119,7 +119,11 @@ def atomic_write(
 
 
 def save_pruned(
-    model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> Path:
     """Write ``model``'s weights and layer widths to ``path`` (atomically).
 
@@ -128,6 +132,9 @@ def save_pruned(
         path: the file to write; its directory is created if needed.
         metadata: optional plain data stored beside the weights (e.g. the size report's
             ``to_dict()``).
+        example_inputs: optional inputs of ``model``; their shapes (batch 1) and dtypes are
+            stored so that :func:`load_pruned` can check with a forward pass that the widths of
+            coupled layers agree.
 
     Returns:
         The written path.
@@ -152,7 +159,9 @@ def save_pruned(
     payload = {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
-        WIDTHS_KEY: describe_widths(model),
+        WIDTHS_KEY: describe_widths(
+            model, None if example_inputs is None else describe_inputs(example_inputs)
+        ),
         "state_dict": cpu_state_dict(model),
         "metadata": meta,
     }

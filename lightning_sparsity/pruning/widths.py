@@ -112,8 +112,27 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def describe_widths(model: nn.Module) -> dict[str, Any]:
-    """The widths of every layer of ``model`` that has one, as plain data.
+def describe_inputs(
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...], module: str = ""
+) -> dict[str, Any]:
+    """The shapes and dtypes of ``example_inputs`` of submodule ``module``, as plain data.
+
+    Stored beside the widths, they let :func:`reshape_to_widths` check that the widths of coupled
+    layers agree (a forward pass), which no layer-by-layer check can see.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return {
+        "module": module,
+        "specs": [
+            {"shape": [1, *map(int, t.shape[1:])], "dtype": str(t.dtype).removeprefix("torch.")}
+            for t in inputs
+        ],
+    }
+
+
+def describe_widths(model: nn.Module, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The widths of every layer of ``model`` that has one, as plain data (with ``inputs`` from
+    :func:`describe_inputs` when given).
 
     Example::
 
@@ -130,7 +149,14 @@ def describe_widths(model: nn.Module) -> dict[str, Any]:
         entry: dict[str, Any] = {"class": type(module).__name__}
         entry.update({attr: _plain(getattr(module, attr)) for attr in family.attrs})
         modules[name] = entry
-    return {"format": WIDTHS_FORMAT, "version": WIDTHS_VERSION, "modules": modules}
+    description: dict[str, Any] = {
+        "format": WIDTHS_FORMAT,
+        "version": WIDTHS_VERSION,
+        "modules": modules,
+    }
+    if inputs is not None:
+        description["inputs"] = inputs
+    return description
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -271,9 +297,54 @@ def reshape_to_widths(
             raise ValueError(f"module {name!r} is parametrized; remove the parametrization first")
         plan[name] = _resized(module, widths, shapes)
     _check_state_dict(expected, current_state, state_dict, strict=strict)
-    for name in sorted(plan, key=lambda n: n.count(".")):  # parents before their children
+    order = sorted(plan, key=lambda n: n.count("."))  # parents before their children
+    previous = {name: model.get_submodule(name) for name in order}
+    for name in order:
         model.set_submodule(name, plan[name])
+    inputs = description.get("inputs")
+    if inputs is not None:
+        try:
+            _check_forward(model, inputs)
+        except ValueError:
+            for name in reversed(order):  # undo: the model is left exactly as it was
+                model.set_submodule(name, previous[name])
+            raise
     return model
+
+
+def _check_forward(model: nn.Module, inputs: Any) -> None:
+    """Run the reshaped model on zeros of the saved input shapes: widths of coupled layers that
+    disagree (a conv narrower than its BatchNorm, a Linear reading more features than arrive)
+    fail here instead of at the user's first forward."""
+    try:
+        target = model.get_submodule(str(inputs["module"]))
+        args = [
+            torch.zeros(
+                [int(d) for d in spec["shape"]],
+                dtype=getattr(torch, str(spec["dtype"])),
+                device=next(model.parameters(), torch.zeros(())).device,
+            )
+            for spec in inputs["specs"]
+        ]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"the saved input description is malformed ({err})") from None
+    modes = {m: m.training for m in model.modules()}
+    try:
+        target.eval()
+        with torch.no_grad():
+            target(*args)
+    except Exception as err:
+        raise ValueError(
+            "the saved widths do not fit together: a forward pass of "
+            f"`{type(target).__name__}` on inputs of shape "
+            f"{[spec['shape'] for spec in inputs['specs']]} fails "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "HINT: coupled layers (a conv and its BatchNorm, a layer and its consumer) must "
+            "keep the same channels; export the model again"
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _check_state_dict(
