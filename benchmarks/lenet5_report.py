@@ -57,14 +57,18 @@ ORDER = [
     "l1",
     "lightning_model_pruning",
     "torch_pruning",
-    "torch_pruning_3k",
 ]
 
 
 def _ordered(data: dict[str, Any]) -> dict[str, Any]:
     methods = data.get("methods", {})
-    rank = {name: i for i, name in enumerate(ORDER)}
-    return dict(sorted(methods.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+    def rank(name: str) -> tuple[int, int, str]:
+        # variants (`<method>_<tag>`) follow their method
+        bases = [i for i, base in enumerate(ORDER) if name == base or name.startswith(base + "_")]
+        return (bases[-1] if bases else len(ORDER), name not in ORDER, name)
+
+    return dict(sorted(methods.items(), key=lambda kv: rank(kv[0])))
 
 
 def table(data: dict[str, Any]) -> str:
