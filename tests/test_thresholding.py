@@ -382,3 +382,15 @@ def test_callable_criterion_with_wrong_shape_fails(tmp_path: Path) -> None:
     cb = FilterThresholding(criterion=lambda w: torch.ones(2), fraction=0.5)
     with pytest.raises(ValueError, match="expected the criterion to return 4 scores"):
         make_trainer(tmp_path, [cb]).fit(Tiny())
+
+
+def test_threshold_zero_kills_exactly_zero_filters_only(tmp_path: Path) -> None:
+    """threshold=0 makes the exact zeros of a proximal map permanent; a tiny live filter stays."""
+    model = Tiny()  # lr 0: the weights set here are the ones thresholded
+    set_norms(model.model.conv1, [0.0, 1e-12, 1.0, 2.0])
+    with torch.no_grad():
+        model.model.conv1.weight[0] = 0.0
+    cb = FilterThresholding(threshold=0.0)
+    make_trainer(tmp_path, [cb]).fit(model)
+    assert cb.masks["conv1"].tolist() == [False, True, True, True]
+    assert all(cb.masks["conv2"].tolist())

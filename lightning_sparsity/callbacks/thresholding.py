@@ -58,7 +58,9 @@ class FilterThresholding(Callback):
     ``relative``, ``criterion``, ``fraction`` and ``layers``): resume with the same arguments.
 
     Args:
-        threshold: kill filters whose norm is below this (>= 0); ``None`` to use only ``criterion``.
+        threshold: kill filters whose norm is below this (>= 0), and filters that are exactly
+            zero (so ``0`` makes the zeros of a proximal map permanent); ``None`` to use only
+            ``criterion``.
         norm: the filter norm for ``threshold``: ``"l2"``, ``"l1"`` or ``"mean_abs"``.
         relative: ``threshold`` is a fraction (<= 1) of the layer's largest filter norm.
         every_n_epochs: epochs between rounds (>= 1).
@@ -335,7 +337,8 @@ class FilterThresholding(Callback):
         kill = torch.zeros_like(mask)
         if self.threshold is not None:
             limit = self.threshold * float(norms.max()) if self.relative else self.threshold
-            kill |= norms < limit
+            # an all-zero filter is dead at any threshold, 0 included (e.g. after a proximal map)
+            kill |= (norms < limit) | (norms == 0)
         strength = norms
         if self.criterion is not None and self.fraction is not None:
             strength = self._score(weight).cpu()
