@@ -229,7 +229,8 @@ def markdown(data: dict[str, Any]) -> str:
         )
     meta = data.get("meta", {})
     head = (
-        f"Measured on {meta.get('cpu')} ({meta.get('cpu_count')} cores, shared with other jobs), "
+        f"Measured on {meta.get('cpu')} ({meta.get('cpu_count')} cores, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in meta.get('load_average_at_start', []))}), "
         f"torch threads {meta.get('torch_threads')}, torch {meta.get('torch')}, torchvision "
         f"{meta.get('torchvision')}, onnxruntime {meta.get('onnxruntime')}, {meta.get('date')}. "
         "Latency: median of interleaved repetitions; target for `speedup / MAC cut`: >= 0.8."
