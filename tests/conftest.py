@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# the shared helpers (tests/_shared.py): importable by name under --import-mode=importlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _shared_data() -> Path | None:

@@ -209,8 +209,15 @@ def test_callback_state_is_exactly_restored(
     assert state["regularizer"]["strength"] == at_save[4]
     assert state["splitting"]["beta"] == at_save[5]
     assert state["thresholding"]["rounds"] == at_save[6]
-    # the weights, dead filters included
+    # the weights, dead filters included; the checkpoint's model holds the splitting method's U
+    # (what will be exported) and its callback state W, which the resumed run trains on
+    trained = split["W"]
+    assert trained.keys() == split["U"].keys()
     for key, value in saved["state_dict"].items():
+        layer = key.removeprefix("model.").removesuffix(".weight")
+        if key.endswith(".weight") and layer in trained:
+            assert torch.equal(value, split["U"][layer]), key
+            value = trained[layer]
         assert torch.equal(state["weights"][key], value), key
 
 
@@ -262,7 +269,13 @@ def test_no_half_written_file(crashes: dict[str, Any]) -> None:
 
 
 def test_report_numbers(crashes: dict[str, Any]) -> None:
-    """Printed with ``-s``: crashes survived and the time the whole scenario took."""
+    """The figures the docs quote (printed with ``-s``): three SIGKILLs survived, two in the middle
+    of an epoch (8 steps each) and one during the export."""
+    assert crashes["blocked_a"].startswith("BLOCKED") and crashes["blocked_b"].startswith("BLOCKED")
+    assert crashes["blocked_c"].startswith("EXPORT_BLOCKED")
+    for phase in ("a", "b"):
+        last = _step_fields(crashes[f"steps_{phase}"][-1])[0]
+        assert last % 8 != 0, (phase, last)  # killed mid-epoch
     print(
         f"crash/resume: 3 SIGKILLs survived (2 mid-epoch, 1 mid-export), {crashes['seconds']:.0f} s"
     )

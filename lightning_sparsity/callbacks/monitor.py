@@ -5,16 +5,16 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_sparsity.callbacks._common import refuse_sharded_strategy, resolve_network
 from lightning_sparsity.callbacks._masks import FilterGroup, build_groups, zero_filters
+from lightning_sparsity.callbacks._order import OrderedCallback, exported_view
 from lightning_sparsity.functional.scores import NORMS, filter_norms
 from lightning_sparsity.pruning.export import prune_model
 from lightning_sparsity.pruning.report import count_macs, count_params
@@ -35,7 +35,7 @@ def _first_tensor(batch: Any) -> Tensor | None:
     return None
 
 
-class SparsityMonitor(Callback):
+class SparsityMonitor(OrderedCallback):
     """Log how many filters each layer has left, and what the pruned model would cost.
 
     A filter (output unit of a Conv/Linear layer, the output layer excepted) is *live* when its
@@ -57,8 +57,9 @@ class SparsityMonitor(Callback):
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, from global rank
     zero, a custom-scalars layout (tab "CUSTOM SCALARS": one chart with every layer's filter
     count, one with the densities, one each for params and MACs) and, per epoch, a histogram
-    ``sparsity/<layer>/filter_norms``. Put it after :class:`FilterThresholding` in the callback
-    list so that an epoch's counts include that epoch's kills.
+    ``sparsity/<layer>/filter_norms``. Wherever it sits in the callback list, an epoch's counts
+    include that epoch's thresholding round, and they count the weights that will be exported
+    (the sparse copy ``U`` under :class:`VariableSplitting`).
 
     Args:
         tolerance: a filter is live when its norm is > ``tolerance`` (>= 0).
@@ -89,6 +90,9 @@ class SparsityMonitor(Callback):
         logging), ``on_train_epoch_end`` (epoch logging, histograms). The model is only read.
     """
 
+    #: after thresholding and the splitting method's ``U`` update
+    RANKS: ClassVar[dict[str, int]] = {"batch_end": 50, "epoch_end": 50}
+
     def __init__(
         self,
         tolerance: float = 0.0,
@@ -105,6 +109,7 @@ class SparsityMonitor(Callback):
         self.example_inputs = example_inputs
         self.norm = norm
         self._validate()
+        super().__init__()
         self._names: list[str] = []
         self._bns: dict[str, str] = {}
         self._example: Tensor | tuple[Tensor, ...] | None = None
@@ -150,6 +155,7 @@ class SparsityMonitor(Callback):
                 "'runs'))`, or remove the callback."
             )
         refuse_sharded_strategy(trainer, owner="SparsityMonitor")
+        self._reset_order()
         network = resolve_network(pl_module)
         selected = select_layers(network, self.layers, owner="SparsityMonitor")
         self._names = [layer.name for layer in selected if not layer.is_output]
@@ -260,13 +266,8 @@ class SparsityMonitor(Callback):
             )
         self._example = inputs[:1].detach().clone()
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def _batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
         n = self.log_every_n_steps
         step = trainer.global_step
@@ -275,12 +276,14 @@ class SparsityMonitor(Callback):
         self._last_global_step = step
         if step % n or batch_idx + 1 >= trainer.num_training_batches:
             return  # not due, or the epoch end logs this step anyway
-        metrics, _ = self.measure(pl_module)
+        with exported_view(trainer):
+            metrics, _ = self.measure(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=_log_step(trainer))
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics, norms = self.measure(pl_module)
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with exported_view(trainer):
+            metrics, norms = self.measure(pl_module)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
         if self.histograms and trainer.is_global_zero:
             for logger in self._tensorboards(trainer):

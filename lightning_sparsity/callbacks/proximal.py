@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_sparsity.callbacks._amp import unscaled_found_inf
 from lightning_sparsity.callbacks._common import (
     Strength,
     Target,
@@ -24,6 +24,7 @@ from lightning_sparsity.callbacks._common import (
     select_targets,
     strength_at,
 )
+from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.functional.groups import check_granularity, group_norms, reduce_dims
 from lightning_sparsity.functional.proximal import group_soft_threshold
 from lightning_sparsity.selection import LayerSpec
@@ -51,10 +52,12 @@ def step_denominator(
 
     * SGD (any momentum): ``None``.
     * RMSprop: ``sqrt(square_avg) + eps``; centered: ``sqrt(square_avg - grad_avg^2) + eps``.
-    * Adam / AdamW: ``sqrt(v / (1 - beta2^t)) + eps`` with ``v = exp_avg_sq`` (``max_exp_avg_sq``
-      with amsgrad) and ``t`` the step count: the metric of the bias-corrected update
-      ``lr * m_hat / (sqrt(v_hat) + eps)``; the first moment's correction ``1 / (1 - beta1^t)``
-      belongs to the gradient estimate ``m_hat``, not to the metric, and is left out.
+    * Adam / AdamW: ``(1 - beta1^t) * (sqrt(v / (1 - beta2^t)) + eps)`` with ``v = exp_avg_sq``
+      (``max_exp_avg_sq`` with amsgrad) and ``t`` the step count: Adam moved the weights by
+      ``-lr * m / d`` with ``m = exp_avg``, i.e. the bias-corrected update
+      ``lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - beta1^t)``; both corrections
+      are in ``d``, so ``lr / d`` is exactly the step Adam took per unit of its gradient estimate
+      (10x larger than without the first correction at ``t = 1``, 1.5x at ``t = 10``).
     * Adagrad: ``(sqrt(sum) + eps) * (1 + (t - 1) * lr_decay)``.
 
     ``out``: a tensor shaped like the parameter to write ``d`` into (else a new one).
@@ -80,15 +83,17 @@ def step_denominator(
         return torch.sqrt(need("square_avg"), out=out).add_(group["eps"])
     if isinstance(optimizer, torch.optim.Adam):
         v = need("max_exp_avg_sq") if group.get("amsgrad", False) else need("exp_avg_sq")
-        correction = 1 - group["betas"][1] ** float(need("step"))
-        return torch.div(v, correction, out=out).sqrt_().add_(group["eps"])
+        beta1, beta2 = group["betas"]
+        t = float(need("step"))
+        d = torch.div(v, 1 - beta2**t, out=out).sqrt_().add_(group["eps"])
+        return d.mul_(1 - beta1**t)
     if isinstance(optimizer, torch.optim.Adagrad):
         decay = 1 + (float(need("step")) - 1) * group["lr_decay"]
         return torch.sqrt(need("sum"), out=out).add_(group["eps"]).mul_(decay)
     return None
 
 
-class ProximalSparsity(Callback):
+class ProximalSparsity(OrderedCallback):
     """After every optimizer step, apply the proximal map of ``strength * R`` in the metric of the
     step just taken (the ICCAIRO 2019 proximal RMSProp; L0 there beats L1).
 
@@ -110,7 +115,9 @@ class ProximalSparsity(Callback):
     same rule as :func:`~lightning_sparsity.functional.proximal.group_hard_threshold` with
     ``t = sqrt(2 eta lambda)``, in fewer passes over the weights)
 
-    so the groups it zeroes are *exactly* zero after every step. With gradient accumulation the map
+    so the groups it zeroes are *exactly* zero after every step. Under ``"16-mixed"`` a step that
+    GradScaler skips (dynamic loss scaling overflows on purpose now and then) gets no map either,
+    also before the optimizer holds any state. With gradient accumulation the map
     runs only after batches where the optimizer stepped, with the learning rate that step used
     (read in ``on_before_optimizer_step``, before a per-step LR scheduler moves it). Weights whose
     gradient was ``None`` (not stepped) are left alone. Biases are not touched. One weight-sized
@@ -149,6 +156,9 @@ class ProximalSparsity(Callback):
         weights step and their learning rate), ``on_train_batch_end`` (apply the map, log).
     """
 
+    #: after the penalties are added and before the masks; the map before the masks re-apply
+    RANKS: ClassVar[dict[str, int]] = {"before_step": 30, "batch_end": 30}
+
     def __init__(
         self,
         strength: Strength,
@@ -170,10 +180,13 @@ class ProximalSparsity(Callback):
         self.check_finite = check_finite
         self.log_every_n_steps = log_every_n_steps
         self._validate()
+        super().__init__()
         self._targets: list[Target] = []
         self._current = 0.0
         # (target, optimizer, param group, lr used by the step) noted before each step
         self._pending: list[tuple[Target, torch.optim.Optimizer, dict[str, Any], float]] = []
+        # GradScaler's found_inf of each noted step (None: no loss scaling)
+        self._found_inf: list[Tensor | None] = []
         self._groups: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
         self._workspace = Workspace()
 
@@ -207,6 +220,7 @@ class ProximalSparsity(Callback):
         if stage != "fit":
             return
         refuse_sharded_strategy(trainer, owner=_OWNER)
+        self._reset_order()
         self._targets = select_targets(pl_module, self.layers, self.granularity, owner=_OWNER)
         if not self._targets:
             rank_zero_warn(no_targets_message(_OWNER, self.granularity))
@@ -215,6 +229,7 @@ class ProximalSparsity(Callback):
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
         self._groups = {}
         self._pending = []
+        self._found_inf = []
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -239,33 +254,44 @@ class ProximalSparsity(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._workspace.clear()
 
-    def on_before_optimizer_step(
+    def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for t in self._targets:
-            found = self._groups.get(id(t.param))
-            if found is not None and found[0] is optimizer and t.param.grad is not None:
-                self._pending.append((t, optimizer, found[1], float(found[1]["lr"])))
+        noted = [
+            (t, found[1])
+            for t in self._targets
+            if (found := self._groups.get(id(t.param))) is not None
+            and found[0] is optimizer
+            and t.param.grad is not None
+        ]
+        if not noted:
+            return
+        found_inf = unscaled_found_inf(trainer, optimizer)
+        for t, group in noted:
+            self._pending.append((t, optimizer, group, float(group["lr"])))
+            self._found_inf.append(found_inf)
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def _batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
         pending, self._pending = self._pending, []
+        found_inf, self._found_inf = self._found_inf, []
+        if pending and self.check_finite:  # skipped steps too: NaN weights make every step skip
+            with torch.no_grad():
+                values = torch.stack(torch._foreach_norm([t.param.detach() for t, *_ in pending]))
+            names = [t.name for t, *_ in pending]
+            raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
+        scaled = [(i, f) for i, f in enumerate(found_inf) if f is not None]
+        if scaled:  # under loss scaling: drop the steps GradScaler skipped (one host sync)
+            flags = torch.stack([f.reshape(()).cpu() for _, f in scaled]).tolist()
+            dropped = {i for (i, _), skipped in zip(scaled, flags) if skipped}
+            pending = [p for i, p in enumerate(pending) if i not in dropped]
         if not pending or self._current == 0:
             return
         lam = self._current
         log = log_due(trainer, self.log_every_n_steps, after_step=True)
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t, *_ in pending]
-            if self.check_finite:
-                values = torch.stack(torch._foreach_norm(weights))  # NaN/inf propagate
-                names = [t.name for t, *_ in pending]
-                raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
             alive, total = [], 0
             for (t, optimizer, group, lr), z in zip(pending, weights):
                 buf = self._workspace.get(t.name, z)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_sparsity.callbacks._amp import step_skipped, unscaled_found_inf
 from lightning_sparsity.callbacks._common import (
     Strength,
     Target,
@@ -26,6 +27,7 @@ from lightning_sparsity.callbacks._common import (
     select_targets,
     strength_at,
 )
+from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.functional.groups import check_granularity
 from lightning_sparsity.functional.penalties import PENALTIES, check_cap, penalty_and_grads
 from lightning_sparsity.pruning.graph import TraceError, batchnorm_after
@@ -34,15 +36,20 @@ from lightning_sparsity.selection import LayerSpec
 _OWNER = "SparsityRegularizer"
 
 
-class SparsityRegularizer(Callback):
+class SparsityRegularizer(OrderedCallback):
     """Train with ``loss + strength * sum_layers R(W_layer)`` for a sparsity penalty ``R``.
 
     A callback cannot change the loss, so the penalty's gradient ``strength * dR/dW`` is added to
     the weights' gradients in ``on_before_optimizer_step``: once per optimizer step (also with
-    ``accumulate_grad_batches``), after AMP unscaling and before gradient clipping, outside autocast
-    (float32 master weights under ``"bf16-mixed"``). The built-in penalties use closed-form
-    gradients of all layers at once (``torch._foreach_*``); a callable penalty goes through autograd
-    layer by layer. Weights whose gradient is ``None`` at that step (frozen, unused) are left alone.
+    ``accumulate_grad_batches``), before gradient clipping, outside autocast (float32 master
+    weights under ``"bf16-mixed"``). Under ``"16-mixed"`` it is added to the *unscaled* gradients
+    (a fused optimizer's gradients, which Lightning leaves scaled, are unscaled first with
+    ``GradScaler.unscale_``), so the effect on the weights is the same with and without
+    ``fused=True``; on a step that GradScaler skips (an overflow of dynamic loss scaling) nothing
+    is logged and no error is raised, unless the penalty itself is NaN or inf. The built-in
+    penalties use closed-form gradients of all layers at once (``torch._foreach_*``); a callable
+    penalty goes through autograd layer by layer. Weights whose gradient is ``None`` at that step
+    (frozen, unused) are left alone.
 
     Penalties (see :mod:`lightning_sparsity.functional.penalties`): ``"l1"``; ``"group_lasso"``
     (sum of group L2 norms, ``scale_by_size`` for the sqrt(group size) weighting); ``"l1_l2"``
@@ -96,6 +103,9 @@ class SparsityRegularizer(Callback):
         penalties, one weight-sized tensor per layer during fit).
     """
 
+    #: before the step: penalties are added before thresholding zeroes the dead gradients
+    RANKS: ClassVar[dict[str, int]] = {"before_step": 10}
+
     def __init__(
         self,
         penalty: str | Callable[[Tensor], Tensor],
@@ -119,6 +129,7 @@ class SparsityRegularizer(Callback):
         self.check_finite = check_finite
         self.log_every_n_steps = log_every_n_steps
         self._validate()
+        super().__init__()
         self._targets: list[Target] = []
         self._current = 0.0
         self._param_ids: dict[int, set[int]] = {}
@@ -208,6 +219,7 @@ class SparsityRegularizer(Callback):
         if stage != "fit":
             return
         refuse_sharded_strategy(trainer, owner=_OWNER)
+        self._reset_order()
         self._targets = self._resolve(pl_module)
         self._attached = True
         if not self._targets:
@@ -297,7 +309,7 @@ class SparsityRegularizer(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
 
-    def on_before_optimizer_step(
+    def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if not self._targets:
@@ -308,18 +320,24 @@ class SparsityRegularizer(Callback):
         active = [t for t in self._targets if t.param.grad is not None and id(t.param) in ids]
         if not active:
             return
+        found_inf = unscaled_found_inf(trainer, optimizer)  # None without loss scaling
+        log = log_due(trainer, self.log_every_n_steps, after_step=False)
         # a NaN found after the accumulation still raises before the optimizer step: the
         # exception leaves the closure, so the weights are never updated with it
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             weights = [t.param.detach() for t in active]
             param_grads: list[Tensor] = [t.param.grad for t in active]  # type: ignore[misc]
             values = self._accumulate(active, weights, param_grads)
-            if self.check_finite:  # the penalty and the final gradient, in one host sync
-                checks = {
-                    f"the penalty {self.name!r}": values,
-                    "the gradient": torch.stack(torch._foreach_norm(param_grads)),
-                }
+            skipped = False
+            if self.check_finite or (log and found_inf is not None):
+                skipped = step_skipped(found_inf)
+            if self.check_finite:
+                # a skipped step has inf gradients on purpose: then only the penalty (a function
+                # of the weights: NaN weights give a NaN penalty) must be finite
+                checks = {f"the penalty {self.name!r}": values}
+                if not skipped:
+                    checks["the gradient"] = torch.stack(torch._foreach_norm(param_grads))
                 raise_if_nonfinite(checks, [t.name for t in active], owner=_OWNER)
-        if log_due(trainer, self.log_every_n_steps, after_step=False):
+        if log and not skipped:
             key = self.log_key or f"sparsity/penalty/{self.name}"
             pl_module.log(key, values.sum(), on_step=True, on_epoch=False)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -24,14 +23,20 @@ from lightning_sparsity.callbacks._masks import (
     zero_grads,
     zero_optimizer_state,
 )
-from lightning_sparsity.functional.scores import NORMS, filter_norms, l1_capped_l1_significance
+from lightning_sparsity.callbacks._order import OrderedCallback
+from lightning_sparsity.functional.scores import (
+    NORMS,
+    filter_norms,
+    kill_weakest,
+    l1_capped_l1_significance,
+)
 from lightning_sparsity.selection import LayerSpec, select_layers
 
 Criterion = Callable[[Tensor], Tensor]
 CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_capped_l1")
 
 
-class FilterThresholding(Callback):
+class FilterThresholding(OrderedCallback):
     """Kill filters at the end of training epochs and keep them dead.
 
     Each round (every ``every_n_epochs`` training epochs from ``start_epoch``, at most
@@ -46,6 +51,11 @@ class FilterThresholding(Callback):
       (:func:`~lightning_sparsity.functional.scores.l1_capped_l1_significance`; ``cap=None`` is
       the mean ``|w|`` of the layer's live filters); a callable maps a weight ``[out, ...]`` to
       ``[out]`` scores. Iterating rounds while training is Kumar et al.'s procedure.
+
+    The rules apply in that order, and each kills its candidates weakest first (by ``norm`` for
+    the threshold, by the criterion's score for the fraction) and stops where the layer would be
+    left with fewer than ``min_filters`` live filters (a warning names the layer): the candidates
+    spared are the strongest, and no filter that a rule killed is ever revived.
 
     Killing zeroes the filter's weights and bias and the scale, shift and running mean of the
     BatchNorm that normalises its output (found by a ``torch.fx`` trace), so the channel emits
@@ -68,8 +78,8 @@ class FilterThresholding(Callback):
         criterion: ``"l1"``, ``"l2"``, ``"l1_capped_l1"`` or a callable score; needs ``fraction``.
         fraction: share of the live filters killed per round by ``criterion``, in ``[0, 1)``.
         cap: the cap of the capped-L1 term (> 0); ``None`` for the per-layer default.
-        min_filters: never leave a layer with fewer live filters (>= 1); the strongest are kept,
-            with a warning.
+        min_filters: never leave a layer with fewer live filters (>= 1): a rule stops killing
+            there, sparing its strongest candidates, with a warning.
         max_rounds: stop after this many rounds (``None``: no limit).
         layers: which layers (see :func:`~lightning_sparsity.select_layers`), names relative to
             ``pl_module.model`` when the LightningModule has one; the output layer is always
@@ -92,10 +102,21 @@ class FilterThresholding(Callback):
 
     Hooks used:
         ``setup`` (select layers, find BatchNorms, check ``min_filters``), ``on_train_start``
-        (re-apply restored masks), ``on_before_optimizer_step`` (zero dead gradients),
-        ``on_train_batch_end`` (re-apply masks, zero optimizer state), ``on_train_epoch_end``
-        (a thresholding round), ``state_dict``/``load_state_dict`` (masks and round count).
+        (re-apply restored masks), ``on_before_optimizer_step`` (zero dead gradients, after the
+        regularizers have added theirs), ``on_train_batch_end`` (re-apply masks, zero optimizer
+        state), ``on_train_epoch_end`` (a thresholding round, before the monitor counts),
+        ``on_train_end`` (re-apply the masks after the splitting method's ``W = U``, before the
+        export), ``state_dict``/``load_state_dict`` (masks and round count). The order of these
+        against the other sparsity callbacks does not depend on the callback list.
     """
+
+    #: after the penalties (before the step and at the end) and before the monitor
+    RANKS: ClassVar[dict[str, int]] = {
+        "before_step": 40,
+        "batch_end": 40,
+        "epoch_end": 40,
+        "train_end": 40,
+    }
 
     def __init__(
         self,
@@ -123,6 +144,7 @@ class FilterThresholding(Callback):
         self.max_rounds = max_rounds
         self.layers = layers
         self._validate()
+        super().__init__()
         #: layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter.
         self.masks: dict[str, Tensor] = {}
         self.rounds = 0
@@ -213,6 +235,7 @@ class FilterThresholding(Callback):
         if stage != "fit":
             return
         refuse_sharded_strategy(trainer, owner="FilterThresholding")
+        self._reset_order()
         network = resolve_network(pl_module)
         selected = select_layers(network, self.layers, owner="FilterThresholding")
         skipped = [layer.name for layer in selected if layer.is_output]
@@ -278,23 +301,18 @@ class FilterThresholding(Callback):
         self._check_masks()
         self._apply(trainer)
 
-    def on_before_optimizer_step(
+    def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         for name, dead in self._dead.items():
             zero_grads(self._groups[name], dead)
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def _batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
         self._apply(trainer)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch < self.start_epoch or (epoch - self.start_epoch) % self.every_n_epochs:
             return
@@ -307,6 +325,9 @@ class FilterThresholding(Callback):
         self._apply(trainer)
         live = {name: int(mask.sum()) for name, mask in self.masks.items()}
         rank_zero_info(f"`FilterThresholding` round {self.rounds} (epoch {epoch}): live {live}")
+
+    def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer)
 
     # ------------------------------------------------------------------ the decision
     def _score(self, weight: Tensor) -> Tensor:
@@ -334,27 +355,28 @@ class FilterThresholding(Callback):
             )
         mask = self.masks[group.name]
         norms = filter_norms(weight, self.norm).cpu()
-        kill = torch.zeros_like(mask)
+        floor = min(self.min_filters, int(mask.sum()))
+        new = mask
+        wanted = int(mask.sum())  # live filters if no floor applied
         if self.threshold is not None:
             limit = self.threshold * float(norms.max()) if self.relative else self.threshold
             # an all-zero filter is dead at any threshold, 0 included (e.g. after a proximal map)
-            kill |= (norms < limit) | (norms == 0)
-        strength = norms
+            below = (norms < limit) | (norms == 0)
+            wanted -= int((mask & below).sum())
+            new = kill_weakest(new, below, norms, floor)
         if self.criterion is not None and self.fraction is not None:
-            strength = self._score(weight).cpu()
-            live = (mask & ~kill).nonzero().flatten()
+            scores = self._score(weight).cpu()
+            live = new.nonzero().flatten()
             n_kill = math.floor(self.fraction * live.numel())
-            order = torch.argsort(strength[live], stable=True)
-            kill[live[order[:n_kill]]] = True
-        new = mask & ~kill
-        keep = min(self.min_filters, int(mask.sum()))
-        if int(new.sum()) < keep:
-            candidates = mask.nonzero().flatten()
-            order = torch.argsort(strength[candidates], descending=True, stable=True)
-            new[candidates[order[:keep]]] = True
+            order = torch.argsort(scores[live], stable=True)
+            lowest = torch.zeros_like(mask)
+            lowest[live[order[:n_kill]]] = True
+            wanted -= n_kill
+            new = kill_weakest(new, lowest, scores, floor)
+        if wanted < floor:
             rank_zero_warn(
                 f"`FilterThresholding`: the round would leave layer {group.name!r} with "
-                f"{int((mask & ~kill).sum())} live filters; keeping the {keep} strongest "
-                f"(`min_filters={self.min_filters}`)."
+                f"{max(wanted, 0)} live filters; it keeps {int(new.sum())}, the strongest of the "
+                f"candidates (`min_filters={self.min_filters}`)."
             )
         return new

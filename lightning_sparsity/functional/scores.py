@@ -122,3 +122,25 @@ def l1_capped_l1_significance(
     if theta == 0.0:  # every filter is zero
         return l1
     return l1 + alpha * capped_l1(weight, theta)
+
+
+def kill_weakest(live: Tensor, candidates: Tensor, strength: Tensor, floor: int) -> Tensor:
+    """Kill ``candidates`` weakest first, never leaving fewer than ``floor`` live filters.
+
+    ``live`` and ``candidates`` are bool ``[out]`` masks, ``strength`` a ``[out]`` score (ties:
+    the lower index is weaker). Returns the new live mask; the candidates spared by the floor are
+    the strongest ones. A filter already dead stays dead: nothing is revived.
+
+    Example::
+
+        >>> live = torch.tensor([True, True, True, True])
+        >>> kill_weakest(live, torch.tensor([True, False, False, True]),
+        ...              torch.tensor([0.02, 1.0, 0.9, 0.8]), floor=3)
+        tensor([False,  True,  True,  True])
+    """
+    new = live.clone()
+    ids = (candidates & live).nonzero().flatten()
+    budget = max(int(live.sum()) - floor, 0)
+    order = torch.argsort(strength[ids], stable=True)
+    new[ids[order[:budget]]] = False
+    return new

@@ -301,10 +301,12 @@ class Recorder(pl.Callback):
 def build_callbacks(export_dir: Path | None, *, monitor: bool = True) -> tuple[list[Any], Recorder]:
     """Every library callback at once, each on its own layers, wrapped in probes:
 
-    regularizer (l1_l2 on conv1) between two gradient probes; proximal L0 (filters of conv2)
-    between two weight probes; variable splitting (fc1); thresholding (relative 0.3 of the
-    largest filter norm, every epoch) plus a second thresholding of conv1 by the rank-dependent
-    criterion; the monitor; the export.
+    regularizer (l1_l2 on conv1) between two gradient probes; proximal L0 (filters of conv2);
+    variable splitting (fc1); thresholding (relative 0.3 of the largest filter norm, every epoch)
+    plus a second thresholding of conv1 by the rank-dependent criterion; the monitor; the export.
+    The sparsity callbacks run their per-step work together, in their own order, when Lightning
+    reaches the first of them in the list: so the weight probes around the proximal map stand
+    before and after all of them (their difference is the map and the masks).
     """
     reg = SparsityRegularizer("l1_l2", strength=0.05, layers=["conv1"])
     prox = ProximalSparsity(strength=0.02, norm="l0", granularity="filter", layers=["conv2"])
@@ -329,15 +331,15 @@ def build_callbacks(export_dir: Path | None, *, monitor: bool = True) -> tuple[l
         "prox_after": WeightProbe(["conv2"]),
     }
     stack: list[Any] = [
+        probes["prox_before"],
         probes["grad_before"],
         reg,
         probes["grad_after"],
-        probes["prox_before"],
         prox,
-        probes["prox_after"],
         split,
         thresholding,
         rank_thresholding,
+        probes["prox_after"],
     ]
     if monitor:
         callbacks["monitor"] = SparsityMonitor(histograms=False)
