@@ -221,7 +221,7 @@ def test_checkpoints_hold_u_and_resume_restores_w(tmp_path: Path) -> None:
         trainer.fit(module, ckpt_path=ckpt)
         return split, module
 
-    split, _ = fit(1, None, tmp_path / "a")
+    fit(1, None, tmp_path / "a")
     checkpoint = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("VariableSplitting"))
     for name, u in state["U"].items():
