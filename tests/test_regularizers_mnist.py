@@ -124,7 +124,10 @@ def check(
         assert exact_zeros == zeros
     sizes = {n: norms.numel() for n, norms in filter_norms(model).items()}
     assert all(zeros[n] < sizes[n] for n in HIDDEN), "a layer lost every filter"
-    assert acc > 0.85 and base_acc > 0.85, (acc, base_acc)
+    # measured on this setting: baseline 0.922-0.924; l1/l2 0.901, L1 + capped L1 0.914,
+    # proximal L0 0.928, splitting 0.914: a method may cost at most 4 points against the baseline
+    assert base_acc > 0.90, base_acc
+    assert acc > base_acc - 0.04, (acc, base_acc)
     return zeros
 
 
