@@ -35,6 +35,36 @@ class Net(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class GroupedNet(nn.Module):
+    """conv-BN-ReLU, depthwise conv, grouped 1x1 conv-BN-ReLU, pool, flatten, Linear,
+    (LayerNorm,) ReLU, Linear: the coupled layers a width file must get right, on 3x8x8."""
+
+    def __init__(
+        self,
+        c1: int = 8,
+        c2: int = 12,
+        hidden: int = 16,
+        groups: int = 2,
+        layer_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.dw = nn.Conv2d(c1, c1, 3, padding=1, groups=c1, bias=False)
+        self.conv2 = nn.Conv2d(c1, c2, 1, groups=groups)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(c2 * 4, hidden)
+        self.ln = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(self.dw(x))))
+        x = self.pool(x).flatten(1)
+        return self.fc2(torch.relu(self.ln(self.fc1(x))))
+
+
 def dataset(n: int = 32, classes: int = 3, seed: int = 1) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(

@@ -29,30 +29,11 @@ from typing import Any
 
 import pytest
 import torch
+from _shared import GroupedNet as Net
 from torch import nn
 
 from lightning_sparsity import PrunedCheckpointMixin, build_model, load_pruned, save_pruned
 from lightning_sparsity.checkpoint import save_pruned_checkpoint
-
-
-class Net(nn.Module):
-    """conv-BN-ReLU, depthwise conv, grouped 1x1 conv-BN, pool, flatten, Linear, Linear."""
-
-    def __init__(self, c1: int = 8, c2: int = 12, hidden: int = 16, groups: int = 2) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.dw = nn.Conv2d(c1, c1, 3, padding=1, groups=c1, bias=False)
-        self.conv2 = nn.Conv2d(c1, c2, 1, groups=groups)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc1 = nn.Linear(c2 * 4, hidden)
-        self.fc2 = nn.Linear(hidden, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(self.dw(x))))
-        return self.fc2(torch.relu(self.fc1(self.pool(x).flatten(1))))
 
 
 class LitNet(PrunedCheckpointMixin):

@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _shared import Net
+from _shared import make_trainer as shared_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -20,20 +22,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sparsity import FilterThresholding, LeNet5Caffe, SparsityMonitor
 
 LAYERS = ("conv1", "conv2")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3)
-        self.fc = nn.Linear(6 * 4 * 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
-        x = F.leaky_relu(self.conv2(x), 0.1)
-        return self.fc(x.flatten(1))
 
 
 class Tiny(pl.LightningModule):
@@ -76,18 +64,9 @@ class MaskProbe(pl.Callback):
 
 
 def make_trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "max_epochs": 3,
-        "limit_train_batches": 2,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "accelerator": "cpu",
-        "log_every_n_steps": 1,
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    """The shared Trainer, three epochs, the default logger, logging every step."""
+    options: dict[str, Any] = {"max_epochs": 3, "logger": True, "log_every_n_steps": 1}
+    return shared_trainer(tmp_path, callbacks, **{**options, **kwargs})
 
 
 def expected_size(c1: int, c2: int) -> tuple[int, int]:

@@ -12,34 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from _shared import GroupedNet
 from torch import nn
 
 from lightning_sparsity import PrunedCheckpointMixin, load_pruned, save_pruned
 from lightning_sparsity.checkpoint import save_pruned_checkpoint
 from lightning_sparsity.pruning.serialization import atomic_write, read_checkpoint, to_plain
 from lightning_sparsity.pruning.widths import describe_widths, reshape_to_widths
-
-
-class Net(nn.Module):
-    """Conv, BN, depthwise conv, grouped 1x1 conv, BN, pool, Linear, LayerNorm, Linear."""
-
-    def __init__(self, c1: int = 8, c2: int = 12, hidden: int = 16, groups: int = 2) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.dw = nn.Conv2d(c1, c1, 3, padding=1, groups=c1, bias=False)
-        self.conv2 = nn.Conv2d(c1, c2, 1, groups=groups)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc1 = nn.Linear(c2 * 4, hidden)
-        self.ln = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(self.dw(x))))
-        x = self.pool(x).flatten(1)
-        return self.fc2(torch.relu(self.ln(self.fc1(x))))
 
 
 def randomise(model: nn.Module) -> nn.Module:
@@ -412,3 +391,8 @@ def test_reshape_needs_nothing_when_widths_are_equal() -> None:
     before = snapshot(net)
     reshape_to_widths(net, describe_widths(net), net.state_dict())
     assert_untouched(net, before)
+
+
+def Net(c1: int = 8, c2: int = 12, hidden: int = 16, groups: int = 2) -> nn.Module:
+    """The shared grouped net, with a LayerNorm between the Linear layers."""
+    return GroupedNet(c1, c2, hidden, groups, layer_norm=True)

@@ -9,29 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _shared import Net, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparsity import FilterThresholding
-
-
-class Net(nn.Module):
-    """conv1 -> BN -> leaky, conv2 (bias, no BN) -> leaky, fc (the output layer).
-
-    Leaky ReLUs keep gradients flowing into dead channels, so a dead filter *would* revive if the
-    masks were not re-applied."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3)
-        self.fc = nn.Linear(6 * 4 * 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
-        x = F.leaky_relu(self.conv2(x), 0.1)
-        return self.fc(x.flatten(1))
 
 
 class Tiny(pl.LightningModule):
@@ -66,21 +48,6 @@ class Tiny(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=8)
-
-
-def make_trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "max_epochs": 1,
-        "limit_train_batches": 2,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        "accelerator": "cpu",
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 @torch.no_grad()
