@@ -325,6 +325,51 @@ def test_proximal_equals_the_map_written_by_hand(
     assert zeros > 0  # the map did something
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_proximal_with_accumulation_and_clipping_under_fp16(tmp_path: Path, fused: bool) -> None:
+    """Two batches per step, clipped: the map follows the steps (odd batches) that happened."""
+    lam = 1e-2
+    optimizer = ("adam", {"fused": fused})
+    clip = None if fused else 0.5  # Lightning refuses clipping with a fused optimizer under AMP
+    prox = ProximalSparsity(lam, norm="l1", granularity="weight")
+    with_callback = run(tmp_path / "cb", "16-mixed", optimizer, [prox], 2, clip, lr=0.01)
+
+    def after(module: Module, batch_idx: int) -> None:
+        # POISON = (0, 3): the steps at batches 1 (0 + 1) and 3 (2 + 3) are skipped
+        if batch_idx % 2 == 0 or batch_idx in (1, 3):
+            return
+        opt = module.trainer.optimizers[0]
+        with torch.no_grad():
+            for w in conv_weights(module.model):
+                w.copy_(w.sign() * (w.abs() - eta_by_hand(opt, w) * lam).clamp_min(0))
+
+    reference = run(
+        tmp_path / "ref", "16-mixed", optimizer, [], 2, clip, after_batch=after, lr=0.01
+    )
+    for a, b in zip(conv_weights(with_callback.model), conv_weights(reference.model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_steps_log_no_penalty(tmp_path: Path) -> None:
+    reg = SparsityRegularizer("l1", 1e-3, granularity="weight", log_every_n_steps=1)
+    torch.manual_seed(0)
+    module = Module("adam", {"fused": True}, poison=POISON)
+    logged: list[int] = []
+    log = module.log
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "sparsity/penalty/l1":
+            logged.append(module.trainer.fit_loop.epoch_loop.batch_idx)
+        log(name, *args, **kwargs)
+
+    module.log = spy  # type: ignore[method-assign]
+    trainer = make_trainer(
+        tmp_path, [reg], limit_train_batches=BATCHES, **precision_options("16-mixed")
+    )
+    trainer.fit(module)
+    assert logged == [b for b in range(BATCHES) if b not in POISON]
+
+
 def test_thresholding_and_export_under_fp16_with_a_fused_optimizer(tmp_path: Path) -> None:
     thresholding = FilterThresholding(criterion="l1", fraction=0.5)
     export = PrunedExport(dirpath=tmp_path / "export", formats=("pt",))

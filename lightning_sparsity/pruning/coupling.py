@@ -13,8 +13,9 @@ zeros at the border) the group is kept. See :func:`analyze`.
 
 from __future__ import annotations
 
+import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,8 @@ MIXING_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 
 
 class UnsupportedOpError(ValueError):
-    """An op the analysis cannot follow receives channels that could otherwise be removed."""
+    """With ``strict=True``: an op the analysis cannot follow receives channels that could
+    otherwise be removed (without ``strict`` they are kept, and the plan says why)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class ChannelPlan:
         widths_in: layer -> original number of input channels.
         folds: layer -> constants to fold into it.
         kept_dead: layer -> {output channel: reason} for dead channels that must stay.
+        leaf_kinds: zoo modules analysed as a layer (see :mod:`.leaves`) -> their kind.
+        opaque: modules kept whole (their channels pinned) -> why.
     """
 
     keep_out: dict[str, Tensor] = field(default_factory=dict)
@@ -79,6 +83,44 @@ class ChannelPlan:
     folds: dict[str, Fold] = field(default_factory=dict)
     kept_dead: dict[str, dict[int, str]] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    leaf_kinds: dict[str, str] = field(default_factory=dict)
+    opaque: dict[str, str] = field(default_factory=dict)
+
+    def prefixed(self, prefix: str) -> ChannelPlan:
+        """The same plan with every module name qualified by ``prefix``."""
+        if not prefix:
+            return self
+
+        def q(name: str) -> str:
+            return f"{prefix}.{name}"
+
+        out = ChannelPlan(sources=tuple(q(n) for n in self.sources))
+        for attr in ("keep_out", "keep_in", "widths_out", "widths_in", "folds", "kept_dead"):
+            setattr(out, attr, {q(k): v for k, v in getattr(self, attr).items()})
+        out.folds = {
+            q(k): Fold(f.index, f.value, f.target if f.target == "bias" else q(f.target))
+            for k, f in self.folds.items()
+        }
+        out.leaf_kinds = {q(k): v for k, v in self.leaf_kinds.items()}
+        out.opaque = {q(k): v for k, v in self.opaque.items()}
+        return out
+
+    def update(self, other: ChannelPlan) -> None:
+        """Add another region's plan (disjoint module names)."""
+        for attr in (
+            "keep_out", "keep_in", "widths_out", "widths_in", "folds", "kept_dead", "leaf_kinds",
+            "opaque",
+        ):  # fmt: skip
+            getattr(self, attr).update(getattr(other, attr))
+        self.sources = (*self.sources, *other.sources)
+
+    def kept_summary(self) -> dict[str, int]:
+        """Why dead channels stay: reason -> how many channels."""
+        out: dict[str, int] = {}
+        for channels in self.kept_dead.values():
+            for why in channels.values():
+                out[why] = out.get(why, 0) + 1
+        return out
 
     def removed_out(self, layers_only: bool = True) -> dict[str, list[int]]:
         """Removed output channels per layer (Conv/Linear only unless ``layers_only=False``)."""
@@ -113,25 +155,72 @@ def iter_spaces(value: Any) -> Iterator[Space]:
             yield from iter_spaces(item)
 
 
-def describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """``node`` for an error message: the op, its target and the fx node name."""
+def source_line(node: fx.Node) -> str:
+    """The user's source line that created ``node`` (from the trace's stack), or ``""``."""
+    trace = node.stack_trace or (node.meta.get("stack_trace") if node.meta else None) or ""
+    torch_dir = os.path.dirname(torch.__file__)
+    lines = [
+        ln.strip()
+        for ln in str(trace).strip().splitlines()
+        if ln.strip().startswith("File") and torch_dir not in ln
+    ]
+    if not lines:
+        return ""
+    last = lines[-1]  # 'File "path", line N, in fn'
+    try:
+        path = last.split('"')[1]
+        line = last.split("line ")[1].split(",")[0]
+    except IndexError:
+        return ""
+    return f"{path}:{line}"
+
+
+def describe(gm: fx.GraphModule, node: fx.Node, prefix: str = "") -> str:
+    """``node`` for a message: the op, the module it belongs to and the source line."""
+
+    def q(name: str) -> str:
+        return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+    where = source_line(node)
+    at = f" at {where}" if where else ""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        return f"`{type(module).__name__}` module `{node.target}` (fx node `{node.name}`)"
+        return f"`{type(module).__name__}` module `{q(str(node.target))}`{at}"
+    stack = node.meta.get("nn_module_stack") if node.meta else None
+    owner = ""
+    if stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        owner = f" in `{q(str(path))}`" if path else ""
+    elif prefix:
+        owner = f" in `{prefix}`"
     if node.op == "call_method":
-        return f"`Tensor.{node.target}` (fx node `{node.name}`)"
+        return f"`Tensor.{node.target}`{owner}{at}"
     target = node.target
     name = getattr(target, "__name__", str(target))
-    where = str(getattr(target, "__module__", None) or "")
-    where = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(where, where)
-    return f"`{where + '.' if where else ''}{name}` (fx node `{node.name}`)"
+    mod = str(getattr(target, "__module__", None) or "")
+    mod = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(mod, mod)
+    return f"`{mod + '.' if mod else ''}{name}`{owner}{at}"
 
 
 class Analysis:
     """State of one walk over a shape-annotated graph (see :func:`analyze`)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        leaves: Mapping[str, str] | None = None,
+        opaque: Mapping[str, str] | None = None,
+        prefix: str = "",
+        strict: bool = False,
+        boundary: str = "",
+    ) -> None:
         self.gm = gm
+        self.boundary = boundary
+        self.leaves = dict(leaves or {})
+        self.opaque = dict(opaque or {})
+        self.prefix = prefix
+        self.strict = strict
         self.modules = dict(gm.named_modules())
         self.uf = UnionFind()
         self.spaces: dict[fx.Node, Any] = {}
@@ -153,7 +242,7 @@ class Analysis:
         return self.modules[str(node.target)]
 
     def describe(self, node: fx.Node) -> str:
-        return describe(self.gm, node)
+        return describe(self.gm, node, self.prefix)
 
     def pin(
         self, slots: Tensor, reason: str, error: bool = False, node: fx.Node | None = None
@@ -190,7 +279,10 @@ class Analysis:
         return Space(1, slots, live(int(shape[1])))
 
     def unknown(self, node: fx.Node, why: str = "the analysis cannot follow this op") -> Any:
-        """Keep every channel reaching ``node`` (an error if they could otherwise be removed)."""
+        """Keep every channel reaching ``node`` and leaving it (with ``strict``, an error if
+        they could otherwise be removed)."""
+        if node.op == "call_module" and str(node.target) in self.opaque:
+            why = f"a module kept whole ({self.opaque[str(node.target)]})"
         for inp in node.all_input_nodes:
             self.pin_all(self.spaces.get(inp), why, error=True, node=node)
         return self.fixed(node.meta.get("tensor_meta"), f"output of {self.describe(node)}")
@@ -201,14 +293,29 @@ class Analysis:
 
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                out = self.fixed(node.meta.get("tensor_meta"), "a model input")
+                where = (
+                    f"at the input of a part analysed on its own: {self.boundary}"
+                    if self.boundary
+                    else "a model input"
+                )
+                out = self.fixed(node.meta.get("tensor_meta"), where)
             elif node.op == "get_attr":
                 out = None
             elif node.op == "output":
                 for name in _output_layers(self.gm, self.modules):
                     if name in self.layer_out:
-                        self.pin(self.layer_out[name], f"`{name}` produces the model's output")
-                self.pin_all(_collect(self, node.args), "reaches the model's output")
+                        self.pin(
+                            self.layer_out[name],
+                            f"at the output of a part analysed on its own: {self.boundary}"
+                            if self.boundary
+                            else f"`{name}` produces the model's output",
+                        )
+                self.pin_all(
+                    _collect(self, node.args),
+                    f"at the output of a part analysed on its own: {self.boundary}"
+                    if self.boundary
+                    else "reaches the model's output",
+                )
                 out = None
             else:
                 rule = lookup(self, node)
@@ -231,6 +338,8 @@ class Analysis:
         if len(calls) != 1:
             return None, "a layer called more than once"
         if isinstance(module, _ConvNd):
+            if name in self.leaves:
+                return None, "a zoo conv that pads in its own forward"
             if module.transposed:
                 return None, "a transposed conv spreads a constant unevenly"
             if module.padding_mode == "zeros" and _pads(module):
@@ -280,14 +389,26 @@ class Analysis:
                         msg = f"carries the constant {float(value[i]):.4g} into `{name}`, {why}"
                         reason.setdefault(int(in_roots[i]), msg)
         removable = ~pinned & ~live_blocked & ~const_blocked
+        dead = self._dead_roots(roots)
         for r, p in error_pins.items():
-            if removable[r]:
+            if removable[r] and dead[r] and self.strict:
                 raise UnsupportedOpError(self._unsupported_message(roots, r, p))
         removable[list(error_pins)] = False
         for r, p in error_pins.items():
-            reason.setdefault(r, f"reaches {self.describe(p.node) if p.node else 'an op'}")
+            op = self.describe(p.node) if p.node else "an op"
+            reason.setdefault(r, f"reaches {op}: {p.reason}")
         removed = self._constrain(roots, removable, reason)
         return self._plan(roots, removed, live_blocked, reason, targets)
+
+    def _dead_roots(self, roots: Tensor) -> Tensor:
+        """Groups that some layer really emits as a constant (a strict error about a channel
+        names a dead one, never a live channel that merely reaches the op)."""
+        out = torch.zeros(roots.numel(), dtype=torch.bool)
+        for name, slots in self.layer_out.items():
+            dead = self.dead_out.get(name)
+            if dead is not None:
+                out[roots[slots][dead]] = True
+        return out
 
     def _constrain(self, roots: Tensor, removed: Tensor, reason: dict[int, str]) -> Tensor:
         """Un-remove groups until grouped convs/chunks stay balanced and no layer is emptied."""
@@ -326,6 +447,8 @@ class Analysis:
     ) -> ChannelPlan:
         gone = removed[roots]  # per slot
         plan = ChannelPlan(sources=tuple(self.layer_out))
+        plan.leaf_kinds = dict(self.leaves)
+        plan.opaque = dict(self.opaque)
         for table, keep, widths in (
             (self.layer_out, plan.keep_out, plan.widths_out),
             (self.norms, plan.keep_out, plan.widths_out),
@@ -433,13 +556,21 @@ def _output_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[str
     return found
 
 
-def analyze(gm: fx.GraphModule) -> ChannelPlan:
-    """Run the coupling analysis on a traced graph annotated by ``ShapeProp``.
+def analyze(
+    gm: fx.GraphModule,
+    leaves: Mapping[str, str] | None = None,
+    opaque: Mapping[str, str] | None = None,
+    prefix: str = "",
+    strict: bool = False,
+    boundary: str = "",
+) -> ChannelPlan:
+    """Run the coupling analysis on a traced graph annotated by ``ShapeProp``; names relative
+    to ``gm`` (``prefix`` only qualifies the messages).
 
     Raises:
-        UnsupportedOpError: an op the analysis cannot follow receives a channel that could
-            otherwise be removed (the message names the op, its fx node and the layer).
+        UnsupportedOpError: with ``strict``, an op the analysis cannot follow receives a channel
+            that could otherwise be removed (the message names the op, the module and the line).
     """
-    analysis = Analysis(gm)
+    analysis = Analysis(gm, leaves, opaque, prefix, strict, boundary)
     analysis.run()
     return analysis.plan()

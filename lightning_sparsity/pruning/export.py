@@ -20,6 +20,7 @@ shrinks each layer; the result is checked against the original on the example in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -28,40 +29,53 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_sparsity.pruning.capture import capture
 from lightning_sparsity.pruning.coupling import ChannelPlan, Fold, analyze
-from lightning_sparsity.pruning.graph import shape_trace
+from lightning_sparsity.pruning.leaves import shrink_channelwise
 from lightning_sparsity.pruning.spaces import contribution
 from lightning_sparsity.pruning.surgery import is_masked, shrink
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
 
-def as_inputs(example_inputs: Any, owner: str = "prune_model") -> tuple[Tensor, ...]:
-    """``example_inputs`` as a tuple of tensors (a single tensor is one positional input).
+def as_inputs(example_inputs: Any, owner: str = "prune_model") -> tuple[Any, ...]:
+    """``example_inputs`` as the positional arguments of ``forward``: a tensor is one argument; a
+    tuple (or a list of tensors) holds one entry per argument, each a tensor or a structure of
+    tensors (a detection model's list of images: ``([img1, img2],)``).
 
     Raises:
-        TypeError: anything but a tensor or a non-empty tuple/list of tensors.
+        TypeError: no tensor anywhere in ``example_inputs``.
     """
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
-    if (
-        isinstance(example_inputs, (tuple, list))
-        and example_inputs
-        and all(isinstance(t, Tensor) for t in example_inputs)
-    ):
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and _leaves(example_inputs):
         return tuple(example_inputs)
     raise TypeError(
-        f"`{owner}(example_inputs=...)`: expected a tensor or a tuple of tensors (the positional "
-        f"arguments of `forward`), got {type(example_inputs).__name__}. "
-        "HINT: pass one batch, e.g. `torch.randn(1, 3, 32, 32)`."
+        f"`{owner}(example_inputs=...)`: expected a tensor or a tuple of the forward's positional "
+        f"arguments holding tensors, got {type(example_inputs).__name__}. "
+        "HINT: pass one batch, e.g. `torch.randn(1, 3, 32, 32)`, or `([image1, image2],)` for "
+        "a model that takes a list."
     )
 
 
-def _check_device(model: nn.Module, inputs: tuple[Tensor, ...], owner: str) -> None:
+def _leaves(value: Any) -> list[Tensor]:
+    """Every tensor inside nested tuples, lists, dicts and dataclasses."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _leaves(getattr(value, f.name))]
+    return []
+
+
+def _check_device(model: nn.Module, inputs: tuple[Any, ...], owner: str) -> None:
     param = next(model.parameters(), None)
     if param is None:
         return
-    for t in inputs:
+    for t in _leaves(inputs):
         if t.device != param.device:
             raise ValueError(
                 f"`{owner}(example_inputs=...)`: expected inputs on the model's device "
@@ -93,21 +107,36 @@ def _check_finite(model: nn.Module) -> None:
         )
 
 
-def plan_pruning(model: nn.Module, example_inputs: ExampleInputs) -> ChannelPlan:
+def _analyze(work: nn.Module, inputs: tuple[Any, ...], strict: bool) -> ChannelPlan:
+    """Capture ``work`` (a copy: it is run in eval mode) region by region and analyse it."""
+    found = capture(work, inputs)
+    plan = ChannelPlan()
+    for region in found.regions:
+        part = analyze(region.gm, region.leaves, region.opaque, region.prefix, strict, region.why)
+        plan.update(part.prefixed(region.prefix))
+    for name, why in found.untraced.items():
+        plan.opaque.setdefault(name, why)
+    return plan
+
+
+def plan_pruning(
+    model: nn.Module, example_inputs: ExampleInputs, *, strict: bool = False
+) -> ChannelPlan:
     """The coupling analysis of ``model``: which channels go, what is folded, what stays and why.
 
-    ``model`` is not modified (its training flags are restored after tracing).
+    Read-only: the analysis runs on a copy in eval mode, so ``model``'s parameters, buffers
+    (BatchNorm statistics), training flags and hooks stay exactly as they were.
 
     Raises:
         TypeError: ``example_inputs`` is not a tensor or a tuple of tensors.
         ValueError: the forward fails on ``example_inputs``.
-        lightning_sparsity.pruning.graph.TraceError: the model cannot be traced by ``torch.fx``.
-        lightning_sparsity.pruning.coupling.UnsupportedOpError: an op it cannot follow receives a
-            channel that could otherwise be removed.
+        lightning_sparsity.pruning.capture.TraceError: no part of the model can be captured.
+        lightning_sparsity.pruning.coupling.UnsupportedOpError: with ``strict=True``, an op it
+            cannot follow receives a channel that could otherwise be removed.
     """
     inputs = as_inputs(example_inputs, "plan_pruning")
     _check_device(model, inputs, "plan_pruning")
-    return analyze(shape_trace(model, inputs))
+    return _analyze(copy.deepcopy(model), inputs, strict)
 
 
 def dead_channels(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, list[int]]:
@@ -164,13 +193,17 @@ def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
         if keep_in is not None and keep_in.numel() == plan.widths_in[name]:
             keep_in = None
         if keep_out is not None or keep_in is not None:
-            new = shrink(named[name], keep_out, keep_in)
+            if plan.leaf_kinds.get(name) == "channelwise":
+                keep = keep_out if keep_out is not None else keep_in
+                new = shrink_channelwise(named[name], cast(Tensor, keep), plan.widths_out[name])
+            else:
+                new = shrink(named[name], keep_out, keep_in)
             for alias in aliases[id(named[name])]:  # a module registered under several names
                 model.set_submodule(alias, new)
     return model
 
 
-def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
+def _run(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -182,13 +215,7 @@ def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
 
 
 def _tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    return []
+    return _leaves(out)
 
 
 def verify_equal(
@@ -262,6 +289,7 @@ def prune_model(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     allow_unchanged: bool = False,
+    strict: bool = False,
 ) -> nn.Module:
     """A new, physically smaller copy of ``model`` with every removable dead channel removed.
 
@@ -279,6 +307,10 @@ def prune_model(
         atol: absolute tolerance of the check.
         allow_unchanged: return an unchanged copy (with a warning) instead of raising when
             nothing can be removed.
+        strict: raise (``UnsupportedOpError``) when an op, module or construct the analysis
+            cannot follow keeps a dead channel that could otherwise go; by default such channels
+            are kept (with everything coupled to them) and ``plan_pruning(...).kept_dead`` says
+            which and why (the op, its module and source line).
 
     Returns:
         The pruned copy, in the same training mode as ``model``.
@@ -304,7 +336,10 @@ def prune_model(
     _check_plain_weights(model)
     _check_finite(model)
     work = copy.deepcopy(model)
-    plan = analyze(shape_trace(work, inputs))
+    flags = {name: m.training for name, m in work.named_modules()}
+    plan = _analyze(work, inputs, strict)
+    for name, m in work.named_modules():
+        m.training = flags.get(name, m.training)
     if not plan.changed:
         if not allow_unchanged:
             raise ValueError(_nothing_message(plan))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import operator
 from collections.abc import Callable
+from itertools import chain
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -182,7 +183,8 @@ def _conv(a: Analysis, node: fx.Node) -> Any:
     out_slots = a.module_slots(a.layer_out, name, m.out_channels)
     value_in = _tracked_input(a, node, in_slots, 1)
     g = m.groups
-    uneven = m.padding_mode == "zeros" and _zero_pads(m)
+    # a zoo conv (a proven leaf) may pad in its own forward: never fold constants through it
+    uneven = (m.padding_mode == "zeros" and _zero_pads(m)) or name in a.leaves
     if m.transposed:
         if g != 1:
             why = f"grouped transposed conv `{name}` is kept whole"
@@ -253,6 +255,49 @@ def _norm(a: Analysis, node: fx.Node) -> Any:
     return Space(1, slots, value)
 
 
+_PROBES: tuple[float, ...] = (-1e3, -1.0, 0.0, 1.0, 1e3)
+
+
+@torch.no_grad()
+def constants_through(module: nn.Module, value: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """What a per-channel module makes of constant channels (``NaN``: not a known constant).
+
+    Each channel is fed, over the recorded spatial size, its constant (or, for a live channel,
+    each of a few probe values); an output channel is a known constant when it is uniform and
+    the same for every probe (a zeroed scale and shift kill a channel whatever comes in).
+    """
+    param = next(chain(module.parameters(), module.buffers()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    tail = tuple(shape[2:])
+    outs = []
+    for p in _PROBES:
+        v = torch.where(torch.isnan(value), torch.full_like(value, p), value)
+        x = v.to(dtype).view(1, -1, *([1] * len(tail))).expand(1, v.numel(), *tail).contiguous()
+        y = module(x.to(device)).to(torch.float64).cpu().reshape(v.numel(), -1)
+        uniform = (y == y[:, :1]).all(dim=1)
+        outs.append(torch.where(uniform, y[:, 0], torch.full_like(y[:, 0], NAN)))
+    first = outs[0]
+    same = torch.stack([(o == first) for o in outs]).all(dim=0)
+    return finite(torch.where(same, first, torch.full_like(first, NAN)))
+
+
+def _leaf_channelwise(a: Analysis, node: fx.Node) -> Any:
+    """A zoo module proven per-channel (a frozen or fused norm, a layer scale): like a norm."""
+    name = str(node.target)
+    x, in_shape = input_space(a, node)
+    if x is None or in_shape is None or x.dim != 1 or x.slots.dim() != 1:
+        return a.unknown(node, "a per-channel module whose input the analysis does not follow")
+    slots = a.module_slots(a.norms, name, x.slots.numel())
+    value_in = _tracked_input(a, node, slots, 1)
+    value = constants_through(a.module(node), value_in, in_shape)
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in a.layer_out:
+        a.record_dead(str(src.target), value)
+    a.nonempty.append((slots, f"`{name}` keeps at least one channel"))
+    return Space(1, slots, value)
+
+
 def _prelu(a: Analysis, node: fx.Node) -> Any:
     if cast(nn.PReLU, a.module(node)).num_parameters == 1:
         return _channelwise(_module_act)(a, node)
@@ -277,6 +322,12 @@ def _modules_rule(m: nn.Module) -> Rule | None:
 def lookup(a: Analysis, node: fx.Node) -> Rule | None:
     """The rule for ``node``, or ``None`` when the analysis cannot follow it."""
     if node.op == "call_module":
+        name = str(node.target)
+        kind = a.leaves.get(name)
+        if kind is not None:
+            return {"conv": _conv, "linear": _linear, "channelwise": _leaf_channelwise}[kind]
+        if name in a.opaque:
+            return None
         return _modules_rule(a.module(node))
     if node.op == "call_method":
         return _METHOD_RULES.get(str(node.target))
