@@ -36,7 +36,7 @@ from common import RESULTS, fmt_int, interleaved_medians, machine_info, merge_re
 
 
 def _bn_after(model: nn.Module) -> dict[str, str]:
-    from lightning_sparsity.pruning.graph import batchnorm_after
+    from lightning_sparsity.pruning.analysis.graph import batchnorm_after
 
     return batchnorm_after(model)
 

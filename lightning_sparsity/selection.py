@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_sparsity.pruning.graph import PRUNABLE_TYPES, output_layer_names
+from lightning_sparsity.pruning.analysis.graph import PRUNABLE_TYPES, output_layer_names
 
 LayerSpec = Sequence[str] | Callable[[str, nn.Module], bool] | None
 

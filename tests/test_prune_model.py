@@ -18,7 +18,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_sparsity.pruning.coupling import UnsupportedOpError
+from lightning_sparsity.pruning.analysis.coupling import UnsupportedOpError
 from lightning_sparsity.pruning.export import dead_channels, plan_pruning, prune_model, verify_equal
 
 

@@ -12,7 +12,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from lightning_sparsity.pruning.graph import BATCHNORM_TYPES, TraceError, batchnorm_after
+from lightning_sparsity.pruning.analysis.graph import TraceError, batchnorm_after, is_norm_like
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def batchnorm_map(model: nn.Module, owner: str) -> dict[str, str]:
     try:
         return batchnorm_after(model)
     except TraceError as err:
-        if any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
+        if any(is_norm_like(m) for m in model.modules()):
             raise TraceError(
                 f"`{owner}`: cannot tell which BatchNorm follows which layer, so a killed "
                 f"filter's channel would still emit the BatchNorm shift. {err}"

@@ -30,7 +30,7 @@ from lightning_sparsity.callbacks._common import (
 from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.functional.groups import check_granularity
 from lightning_sparsity.functional.penalties import PENALTIES, check_cap, penalty_and_grads
-from lightning_sparsity.pruning.graph import TraceError, batchnorm_after
+from lightning_sparsity.pruning.analysis.graph import TraceError, batchnorm_after
 from lightning_sparsity.selection import LayerSpec
 
 _OWNER = "SparsityRegularizer"

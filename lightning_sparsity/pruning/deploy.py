@@ -8,16 +8,16 @@ The batch dimension (dim 0 of every input) is exported as dynamic when the model
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_sparsity.pruning.outputs import eval_mode, tensors
 from lightning_sparsity.pruning.serialization import atomic_write
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
@@ -40,32 +40,10 @@ def as_args(example_inputs: Any, owner: str) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, each submodule's own training flag restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def run_outputs(model: Any, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The output tensors of ``model(*args)`` (nested tuples/lists/dicts flattened), on the CPU."""
+    """The output tensors of ``model(*args)`` (any nesting flattened), on the CPU."""
     with torch.no_grad():
-        return [t.detach().cpu() for t in _leaves(model(*args))]
+        return [t.detach().cpu() for t in tensors(model(*args))]
 
 
 def _bigger_batch(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -103,7 +81,7 @@ def export_program(
     """``torch.export.export`` of ``model`` in eval mode, batch dimension dynamic if allowed."""
     args = as_args(example_inputs, "export_program")
     shapes = tuple({0: torch.export.Dim.AUTO} for _ in args) if dynamic_batch else None
-    with _eval_mode(model):
+    with eval_mode(model):
         return torch.export.export(model, args, dynamic_shapes=shapes)
 
 
@@ -151,7 +129,7 @@ def save_pt2(
     def check(tmp: Path) -> None:
         loaded = torch.export.load(tmp).module()
         batches = [args, _bigger_batch(args)] if _batch_is_dynamic(program) else [args]
-        with _eval_mode(model):
+        with eval_mode(model):
             for batch in batches:
                 assert_outputs_close(
                     run_outputs(model, batch),
@@ -201,7 +179,7 @@ def save_onnx(
             'HINT: pip install "lightning-sparsity[export]"'
         )
     args = as_args(example_inputs, "save_onnx")
-    with _eval_mode(model):
+    with eval_mode(model):
         n_out = len(run_outputs(model, args))
     inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
@@ -216,7 +194,7 @@ def save_onnx(
         export_kwargs["dynamo"] = False
 
     def write(tmp: Path) -> None:
-        with _eval_mode(model):
+        with eval_mode(model):
             torch.onnx.export(model, args, str(tmp), **export_kwargs)
 
     def check(tmp: Path) -> None:
@@ -226,7 +204,7 @@ def save_onnx(
         names = [i.name for i in session.get_inputs()]
         dims = session.get_inputs()[0].shape
         dynamic = bool(dims) and not isinstance(dims[0], int)
-        with _eval_mode(model):
+        with eval_mode(model):
             for batch in [args, _bigger_batch(args)] if dynamic else [args]:
                 feed = {n: a.detach().cpu().numpy() for n, a in zip(names, batch)}
                 assert_outputs_close(

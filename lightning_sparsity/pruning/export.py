@@ -2,7 +2,7 @@
 
 A channel is *dead* when the parameters producing it are all exactly zero (the conv filter, its
 bias, and the following BatchNorm's scale and shift), so that it always emits zero. The coupling
-analysis (:mod:`lightning_sparsity.pruning.coupling`) decides which dead channels can go together
+analysis (:mod:`~lightning_sparsity.pruning.analysis`) decides which dead channels can go together
 (residual sums, concatenations, grouped convs, gates, flatten) and how a dead channel that still
 emits a constant is folded into its readers; the surgery (:mod:`lightning_sparsity.pruning.surgery`)
 shrinks each layer; the result is checked against the original on the example inputs.
@@ -20,7 +20,6 @@ shrinks each layer; the result is checked against the original on the example in
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -29,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_sparsity.pruning.capture import capture
-from lightning_sparsity.pruning.coupling import ChannelPlan, Fold, analyze
-from lightning_sparsity.pruning.leaves import shrink_channelwise
-from lightning_sparsity.pruning.spaces import contribution
+from lightning_sparsity.pruning.analysis.capture import capture
+from lightning_sparsity.pruning.analysis.coupling import ChannelPlan, Fold, analyze
+from lightning_sparsity.pruning.analysis.leaves import shrink_channelwise
+from lightning_sparsity.pruning.analysis.spaces import contribution
+from lightning_sparsity.pruning.outputs import run_eval, tensors
 from lightning_sparsity.pruning.surgery import is_masked, shrink
 
 ExampleInputs = Tensor | Sequence[Tensor]
@@ -48,7 +48,7 @@ def as_inputs(example_inputs: Any, owner: str = "prune_model") -> tuple[Any, ...
     """
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and _leaves(example_inputs):
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and tensors(example_inputs):
         return tuple(example_inputs)
     raise TypeError(
         f"`{owner}(example_inputs=...)`: expected a tensor or a tuple of the forward's positional "
@@ -58,24 +58,11 @@ def as_inputs(example_inputs: Any, owner: str = "prune_model") -> tuple[Any, ...
     )
 
 
-def _leaves(value: Any) -> list[Tensor]:
-    """Every tensor inside nested tuples, lists, dicts and dataclasses."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _leaves(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaves(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in _leaves(getattr(value, f.name))]
-    return []
-
-
 def _check_device(model: nn.Module, inputs: tuple[Any, ...], owner: str) -> None:
     param = next(model.parameters(), None)
     if param is None:
         return
-    for t in _leaves(inputs):
+    for t in tensors(inputs):
         if t.device != param.device:
             raise ValueError(
                 f"`{owner}(example_inputs=...)`: expected inputs on the model's device "
@@ -130,9 +117,9 @@ def plan_pruning(
     Raises:
         TypeError: ``example_inputs`` is not a tensor or a tuple of tensors.
         ValueError: the forward fails on ``example_inputs``.
-        lightning_sparsity.pruning.capture.TraceError: no part of the model can be captured.
-        lightning_sparsity.pruning.coupling.UnsupportedOpError: with ``strict=True``, an op it
-            cannot follow receives a channel that could otherwise be removed.
+        TraceError: no part of the model can be captured (``analysis.graph.TraceError``).
+        UnsupportedOpError: with ``strict=True``, an op the analysis cannot follow receives a
+            channel that could otherwise be removed (``analysis.coupling.UnsupportedOpError``).
     """
     inputs = as_inputs(example_inputs, "plan_pruning")
     _check_device(model, inputs, "plan_pruning")
@@ -200,22 +187,19 @@ def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
                 new = shrink(named[name], keep_out, keep_in)
             for alias in aliases[id(named[name])]:  # a module registered under several names
                 model.set_submodule(alias, new)
+    for target, keep in plan.keep_params.items():  # per-channel parameters used in `forward`
+        owner_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attr)
+        axis = plan.param_axes[target]
+        if keep.numel() == old.shape[axis]:
+            continue
+        value = old.detach().index_select(axis, keep.to(old.device))
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[attr] = value
     return model
-
-
-def _run(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return model(*inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _tensors(out: Any) -> list[Tensor]:
-    return _leaves(out)
 
 
 def verify_equal(
@@ -233,9 +217,9 @@ def verify_equal(
             ``atol + rtol * |original|``.
     """
     inputs = as_inputs(example_inputs, "verify_equal")
-    expected = _tensors(_run(original, inputs))
+    expected = run_eval(original, inputs)
     try:
-        got = _tensors(_run(pruned, inputs))
+        got = run_eval(pruned, inputs)
     except Exception as err:
         raise RuntimeError(
             f"`prune_model`: the pruned model's forward failed: {type(err).__name__}: {err}. "
@@ -321,7 +305,7 @@ def prune_model(
             analysis cannot follow receives a dead channel (``UnsupportedOpError``, naming the op
             and the layer), nothing can be removed (unless ``allow_unchanged``), or a weight or
             buffer holds NaN or inf (named).
-        lightning_sparsity.pruning.graph.TraceError: the model cannot be traced.
+        lightning_sparsity.pruning.analysis.graph.TraceError: the model cannot be traced.
         RuntimeError: the check fails (outputs differ beyond ``atol + rtol * |output|``).
     """
     if not isinstance(model, nn.Module):

@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_sparsity.pruning.outputs import run_eval
+
 WIDTHS_FORMAT = "lightning_sparsity.pruned_widths"
 WIDTHS_VERSION = 1
 
@@ -145,6 +147,10 @@ def describe_widths(model: nn.Module, inputs: dict[str, Any] | None = None) -> d
     for name, module in model.named_modules():
         family = _family(module)
         if family is None:
+            own = _own_tensors(module)
+            if own and name:  # any other module: the shapes of its own tensors (a layer scale)
+                tensors = {k: [int(d) for d in t.shape] for k, t in own.items()}
+                modules[name] = {"class": type(module).__name__, "tensors": tensors}
             continue
         entry: dict[str, Any] = {"class": type(module).__name__}
         entry.update({attr: _plain(getattr(module, attr)) for attr in family.attrs})
@@ -205,6 +211,46 @@ def _check_entry(name: str, module: nn.Module, entry: Any, family: _Family) -> d
     if problem:
         raise ValueError(f"module {name!r} (`{cls}`): {problem}")
     return widths
+
+
+#: Integer attributes that count a module's channels, updated with its tensors' first dimension.
+COUNT_ATTRS: tuple[str, ...] = ("num_features", "num_channels", "channels", "dim", "num_parameters")
+
+
+def _check_tensors(
+    name: str, module: nn.Module, entry: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Shape]]:
+    """The shapes of a module without a family (its own tensors, each no larger than the
+    model's) and the counting attributes they imply."""
+    cls = type(module).__name__
+    if entry.get("class") != cls:
+        raise ValueError(
+            f"module {name!r}: saved class {entry.get('class')!r}, but the model has a "
+            f"`{cls}` there"
+        )
+    own = _own_tensors(module)
+    saved = entry.get("tensors")
+    if not isinstance(saved, Mapping) or not set(saved) <= set(own):
+        raise ValueError(f"module {name!r} (`{cls}`): the saved tensors do not match its own")
+    shapes: dict[str, Shape] = {}
+    widths: dict[str, Any] = {}
+    for key, shape in saved.items():
+        original = tuple(own[key].shape)
+        if (
+            not isinstance(shape, list)
+            or len(shape) != len(original)
+            or not all(_is_width(d) and d <= o for d, o in zip(shape, original))
+        ):
+            raise ValueError(
+                f"module {name!r} (`{cls}`): expected `{key}` to have {len(original)} positive "
+                f"sizes, each <= {list(original)}, got {shape!r}"
+            )
+        shapes[key] = tuple(shape)
+        if shape and shape[0] != original[0]:
+            for attr in COUNT_ATTRS:
+                if getattr(module, attr, None) == original[0]:
+                    widths[attr] = shape[0]
+    return widths, shapes
 
 
 def _resized(module: nn.Module, widths: dict[str, Any], shapes: dict[str, Shape]) -> nn.Module:
@@ -277,6 +323,14 @@ def reshape_to_widths(
                 "of the architecture that was pruned"
             )
         family = _family(module)
+        if family is None and isinstance(entry, Mapping) and "tensors" in entry:
+            prefix = f"{name}." if name else ""
+            widths, shapes = _check_tensors(name, module, entry)
+            for key, shape in shapes.items():
+                expected[f"{prefix}{key}"] = shape
+            if any(tuple(_own_tensors(module)[k].shape) != v for k, v in shapes.items()):
+                plan[name] = _resized(module, widths, shapes)
+            continue
         if family is None:
             raise ValueError(
                 f"module {name!r} is a `{type(module).__name__}`, which has no width to restore"
@@ -328,11 +382,8 @@ def _check_forward(model: nn.Module, inputs: Any) -> None:
         ]
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"the saved input description is malformed ({err})") from None
-    modes = {m: m.training for m in model.modules()}
     try:
-        target.eval()
-        with torch.no_grad():
-            target(*args)
+        run_eval(target, tuple(args))
     except Exception as err:
         raise ValueError(
             "the saved widths do not fit together: a forward pass of "
@@ -342,9 +393,6 @@ def _check_forward(model: nn.Module, inputs: Any) -> None:
             "HINT: coupled layers (a conv and its BatchNorm, a layer and its consumer) must "
             "keep the same channels; export the model again"
         ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _check_state_dict(

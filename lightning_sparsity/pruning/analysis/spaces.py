@@ -43,6 +43,44 @@ class Space:
         return replace(self, value=finite(value))
 
 
+@dataclass(frozen=True, eq=False)
+class ParamRef:
+    """A per-channel parameter or buffer used directly in ``forward`` (a layer scale
+    ``x * self.gamma.view(1, -1, 1, 1)``): one dimension of ``size`` entries, at ``pos`` in a
+    tensor of ``rank`` dimensions, which is the parameter's own dimension ``axis``.
+
+    Attributes:
+        target: the parameter's qualified name (relative to the graph).
+        value: its entries (float64), the constants it contributes.
+    """
+
+    target: str
+    size: int
+    pos: int
+    rank: int
+    axis: int
+    value: Tensor
+
+
+def param_ref(target: str, t: Tensor) -> ParamRef | None:
+    """A :class:`ParamRef` for a tensor with exactly one dimension larger than 1."""
+    big = [i for i, n in enumerate(t.shape) if n > 1]
+    if len(big) != 1 or not t.is_floating_point():
+        return None
+    i = big[0]
+    return ParamRef(target, int(t.shape[i]), i, t.dim(), i, t.detach().double().flatten().cpu())
+
+
+def moved(ref: ParamRef, out_shape: tuple[int, ...] | None) -> ParamRef | None:
+    """``ref`` after a view that only adds or drops dimensions of size 1."""
+    if out_shape is None:
+        return None
+    big = [i for i, n in enumerate(out_shape) if n > 1]
+    if big != [i for i, n in enumerate(out_shape) if n == ref.size and n > 1] or len(big) != 1:
+        return None
+    return replace(ref, pos=big[0], rank=len(out_shape))
+
+
 def finite(value: Tensor) -> Tensor:
     """``value`` with every non-finite entry replaced by ``NaN`` (``inf`` cannot be folded)."""
     return torch.where(torch.isfinite(value), value, torch.full_like(value, NAN))

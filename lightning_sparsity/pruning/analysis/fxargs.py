@@ -9,10 +9,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from lightning_sparsity.pruning.spaces import NAN, Space, finite
+from lightning_sparsity.pruning.analysis.spaces import NAN, Space, finite
 
 if TYPE_CHECKING:
-    from lightning_sparsity.pruning.coupling import Analysis
+    from lightning_sparsity.pruning.analysis.coupling import Analysis
 
 Rule = Callable[["Analysis", fx.Node], Any]
 

@@ -1,6 +1,6 @@
 """Coupling rules for ops that combine or rearrange channels: ``+ - * /``, ``cat``, ``chunk``,
 ``split``, indexing, reductions, ``permute``/``transpose``, ``view``/``reshape``/``flatten`` and
-the channel shuffle. See :mod:`lightning_sparsity.pruning.rules` for the table that uses them.
+the channel shuffle. See :mod:`.rules` for the table that uses them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from lightning_sparsity.pruning.fxargs import (
+from lightning_sparsity.pruning.analysis.fxargs import (
     Rule,
     arg,
     has_node,
@@ -21,10 +21,18 @@ from lightning_sparsity.pruning.fxargs import (
     shape_of,
     tuple_of,
 )
-from lightning_sparsity.pruning.spaces import NAN, Space, compress, expand_to, finite, merge_sizes
+from lightning_sparsity.pruning.analysis.spaces import (
+    NAN,
+    ParamRef,
+    Space,
+    compress,
+    expand_to,
+    finite,
+    merge_sizes,
+)
 
 if TYPE_CHECKING:
-    from lightning_sparsity.pruning.coupling import Analysis
+    from lightning_sparsity.pruning.analysis.coupling import Analysis
 
 
 def binary(op: str) -> Rule:
@@ -54,6 +62,12 @@ def binary(op: str) -> Rule:
                 continue
             p = len(sh) + neg
             sizes = sh[max(p, 0) : p + k] if p >= 0 else ()
+            if isinstance(s, ParamRef) and k == 1:
+                if s.pos - s.rank != neg or s.size != ref.slots.numel():
+                    return a.unknown(node, "a parameter used in `forward` along other dimensions")
+                a.uf.union(a.param_slots(s), ref.slots)
+                values.append(s.value)
+                continue
             if isinstance(s, Space) and any(s is f for f, _ in full):
                 if tuple(s.slots.shape) != tuple(ref.slots.shape):
                     return a.unknown(node)
@@ -173,7 +187,37 @@ def getitem(a: Analysis, node: fx.Node) -> Any:
     parts = index if isinstance(index, tuple) else (index,)
     if all(p is Ellipsis or p == slice(None) for p in parts):
         return s
-    return a.unknown(node, "it indexes the tensor")
+    if not isinstance(s, Space) or has_node(parts) or any(p is None for p in parts):
+        return a.unknown(node, "it indexes the tensor")
+    rank = len(shape_of(src) or ())
+    if parts.count(Ellipsis) > 1:
+        return a.unknown(node, "it indexes the tensor")
+    if Ellipsis in parts:
+        i = parts.index(Ellipsis)
+        parts = parts[:i] + (slice(None),) * (rank - len(parts) + 1) + parts[i + 1 :]
+    new_dim = s.dim
+    for axis, p in enumerate(parts):
+        if s.dim <= axis < s.dim + s.slots.dim():
+            if not (isinstance(p, slice) and _full_width(p, int(s.slots.shape[axis - s.dim]))):
+                why = f"{a.describe(node)} takes part of the channels (a slice written in the code)"
+                a.pin(s.slots, why, error=True, node=node)
+                return a.fixed(node.meta.get("tensor_meta"), f"output of {a.describe(node)}")
+        elif isinstance(p, int) and not isinstance(p, bool):
+            new_dim -= axis < s.dim  # an integer index drops that dimension
+        elif not isinstance(p, slice):
+            return a.unknown(node, "it indexes the tensor")
+    return Space(new_dim, s.slots, s.value, s.fixed_axis)
+
+
+def _full_width(p: slice, width: int) -> bool:
+    """Whether ``p`` keeps every channel, also once fewer are left (``x[:, :C]`` with ``C`` the
+    full width still takes them all)."""
+    start, stop, step = p.start, p.stop, p.step
+    return (
+        step in (None, 1)
+        and start in (None, 0)
+        and (stop is None or (isinstance(stop, int) and stop >= width))
+    )
 
 
 def reduce(scale: bool) -> Rule:

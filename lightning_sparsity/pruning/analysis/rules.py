@@ -1,7 +1,7 @@
 """The rule table of the coupling analysis: how each op maps its inputs' channels to its output's.
 
-A rule takes the :class:`~lightning_sparsity.pruning.coupling.Analysis` and an fx node and returns
-the node's :class:`~lightning_sparsity.pruning.spaces.Space` (a tuple of them for ``chunk``).
+A rule takes the :class:`~.coupling.Analysis` and an fx node and returns the node's
+:class:`~.spaces.Space` (a tuple of them for ``chunk``).
 Channel-wise ops pass the space on with updated constants; Conv/Linear layers start a new space
 (their output channels) and record their input as an *exit*; ``+``/``*`` merge the channels they
 combine; ``cat`` concatenates spaces; ``chunk`` and grouped convs add balance constraints; a channel
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_sparsity.pruning.fxargs import (
+from lightning_sparsity.pruning.analysis.fxargs import (
     Rule,
     apply_const,
     arg,
@@ -34,7 +34,7 @@ from lightning_sparsity.pruning.fxargs import (
     tuple_of,
     zero_only,
 )
-from lightning_sparsity.pruning.reshapes import (
+from lightning_sparsity.pruning.analysis.reshapes import (
     binary,
     cat,
     chunk,
@@ -49,11 +49,18 @@ from lightning_sparsity.pruning.reshapes import (
     unflatten_literal,
     view_literal,
 )
-from lightning_sparsity.pruning.spaces import NAN, Space, finite, live, mix_value, norm_value
+from lightning_sparsity.pruning.analysis.spaces import (
+    NAN,
+    Space,
+    finite,
+    live,
+    mix_value,
+    norm_value,
+)
 from lightning_sparsity.pruning.surgery import CHANNEL_NORM_TYPES
 
 if TYPE_CHECKING:
-    from lightning_sparsity.pruning.coupling import Analysis
+    from lightning_sparsity.pruning.analysis.coupling import Analysis
 
 ValueFn = Callable[["Analysis", fx.Node, Tensor], Tensor]
 
@@ -433,6 +440,8 @@ _ACT_METHODS = (
 _METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(_ACT_METHODS, _channelwise(_method_act)),
     **dict.fromkeys(("contiguous", "clone", "detach"), _channelwise(_same)),
+    # a broadcast that keeps the channel dimension (an SE gate expanded over the image)
+    **dict.fromkeys(("expand_as", "expand"), _channelwise(_same)),
     **dict.fromkeys(("add", "add_"), binary("add")),
     **dict.fromkeys(("sub", "sub_"), binary("sub")),
     **dict.fromkeys(("mul", "mul_"), binary("mul")),

@@ -27,10 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-LeafKind = Literal["conv", "linear", "channelwise"]
+from lightning_sparsity.pruning.widths import COUNT_ATTRS
 
-#: Integer attributes that count a module's channels (updated when it is shrunk).
-COUNT_ATTRS: tuple[str, ...] = ("num_features", "num_channels", "channels", "dim", "num_parameters")
+LeafKind = Literal["conv", "linear", "channelwise"]
 
 
 def _own_tensors(module: nn.Module) -> dict[str, Tensor]:

@@ -1,9 +1,9 @@
 """Which channels can be removed exactly, and together with what: the coupling analysis.
 
 The analysis walks a ``torch.fx`` graph whose nodes carry shapes (``ShapeProp``). Every tensor
-with a channel dimension gets a :class:`~lightning_sparsity.pruning.spaces.Space`; the rules in
-:mod:`lightning_sparsity.pruning.rules` say how each op maps its inputs' channels to its output's
-and which channels it merges (removed together), pins (kept) or constrains (groups balanced).
+with a channel dimension gets a :class:`~.spaces.Space`; the rules in :mod:`.rules` say how
+each op maps its inputs' channels to its output's and which channels it merges (removed
+together), pins (kept) or constrains (groups balanced).
 
 A group of merged channels is removable when every Conv/Linear that reads it (an *exit*) reads
 only constants there: zeros are dropped, non-zero constants are folded exactly into the reader's
@@ -24,7 +24,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_sparsity.pruning.spaces import Space, UnionFind, live
+from lightning_sparsity.pruning.analysis.spaces import (
+    ParamRef,
+    Space,
+    UnionFind,
+    live,
+    moved,
+    param_ref,
+)
 from lightning_sparsity.pruning.surgery import CHANNEL_NORM_TYPES
 
 #: Layers whose output channels are sources and whose input channels are exits.
@@ -72,6 +79,8 @@ class ChannelPlan:
         widths_in: layer -> original number of input channels.
         folds: layer -> constants to fold into it.
         kept_dead: layer -> {output channel: reason} for dead channels that must stay.
+        keep_params: per-channel parameters used directly in ``forward`` -> kept indices.
+        param_axes: those parameters -> the dimension the indices select.
         leaf_kinds: zoo modules analysed as a layer (see :mod:`.leaves`) -> their kind.
         opaque: modules kept whole (their channels pinned) -> why.
     """
@@ -85,6 +94,8 @@ class ChannelPlan:
     sources: tuple[str, ...] = ()
     leaf_kinds: dict[str, str] = field(default_factory=dict)
     opaque: dict[str, str] = field(default_factory=dict)
+    keep_params: dict[str, Tensor] = field(default_factory=dict)
+    param_axes: dict[str, int] = field(default_factory=dict)
 
     def prefixed(self, prefix: str) -> ChannelPlan:
         """The same plan with every module name qualified by ``prefix``."""
@@ -103,13 +114,15 @@ class ChannelPlan:
         }
         out.leaf_kinds = {q(k): v for k, v in self.leaf_kinds.items()}
         out.opaque = {q(k): v for k, v in self.opaque.items()}
+        out.keep_params = {q(k): v for k, v in self.keep_params.items()}
+        out.param_axes = {q(k): v for k, v in self.param_axes.items()}
         return out
 
     def update(self, other: ChannelPlan) -> None:
         """Add another region's plan (disjoint module names)."""
         for attr in (
             "keep_out", "keep_in", "widths_out", "widths_in", "folds", "kept_dead", "leaf_kinds",
-            "opaque",
+            "opaque", "keep_params", "param_axes",
         ):  # fmt: skip
             getattr(self, attr).update(getattr(other, attr))
         self.sources = (*self.sources, *other.sources)
@@ -227,6 +240,7 @@ class Analysis:
         self.layer_out: dict[str, Tensor] = {}
         self.layer_in: dict[str, Tensor] = {}
         self.norms: dict[str, Tensor] = {}
+        self.params: dict[str, tuple[Tensor, ParamRef]] = {}
         self.exits: dict[str, list[tuple[fx.Node, Tensor]]] = {}
         self.pins: list[Pin] = []
         self.balance: list[tuple[list[Tensor], str]] = []
@@ -261,6 +275,12 @@ class Analysis:
             table[name] = self.uf.new(n)
         return table[name]
 
+    def param_slots(self, ref: ParamRef) -> Tensor:
+        """The slots of a per-channel parameter, shared by every use of it."""
+        if ref.target not in self.params:
+            self.params[ref.target] = (self.uf.new(ref.size), ref)
+        return self.params[ref.target][0]
+
     def record_dead(self, name: str, value: Tensor) -> None:
         """Note which output channels of layer ``name`` emit a constant (for the report)."""
         known = ~torch.isnan(value)
@@ -289,7 +309,7 @@ class Analysis:
 
     # -- the walk --------------------------------------------------------------------------------
     def run(self) -> None:
-        from lightning_sparsity.pruning.rules import lookup
+        from lightning_sparsity.pruning.analysis.rules import lookup
 
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -300,7 +320,13 @@ class Analysis:
                 )
                 out = self.fixed(node.meta.get("tensor_meta"), where)
             elif node.op == "get_attr":
-                out = None
+                attr = _attr(self.gm, str(node.target))
+                out = param_ref(str(node.target), attr) if isinstance(attr, Tensor) else None
+            elif _is_view(node) and isinstance(self.space(node.args[0]), ParamRef):
+                out = moved(
+                    self.space(node.args[0]),
+                    node.meta.get("tensor_meta", None) and tuple(node.meta["tensor_meta"].shape),
+                )
             elif node.op == "output":
                 for name in _output_layers(self.gm, self.modules):
                     if name in self.layer_out:
@@ -457,6 +483,9 @@ class Analysis:
             for name, slots in table.items():
                 keep[name] = (~gone[slots]).nonzero().flatten()
                 widths[name] = slots.numel()
+        for name, (slots, ref) in self.params.items():
+            plan.keep_params[name] = (~gone[slots]).nonzero().flatten()
+            plan.param_axes[name] = ref.axis
         for name, calls in self.exits.items():
             target = targets[name]
             value = calls[0][1]
@@ -490,6 +519,27 @@ class Analysis:
             "linear, norms, activations, pooling, flatten/view, +, *, cat, chunk, channel "
             "shuffle), or keep that channel alive before exporting."
         )
+
+
+_VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "expand_as")
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A view that may only add or drop size-1 dimensions of a per-channel parameter."""
+    if node.op == "call_method":
+        return str(node.target) in _VIEW_METHODS
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name in ("reshape", "unsqueeze", "squeeze", "getitem") and bool(node.args)
+    return False
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner) if owner else gm, name)
+    except AttributeError:
+        return None
 
 
 def _pads(module: _ConvNd) -> bool:

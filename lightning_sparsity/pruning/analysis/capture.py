@@ -15,9 +15,10 @@ Everything here runs on the model it is given: callers pass a copy (``prune_mode
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import math
-import traceback
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +27,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from lightning_sparsity.pruning.leaves import LeafKind, leaf_kind
-
-
-class TraceError(RuntimeError):
-    """A model could not be captured at all (not even as regions of its submodules)."""
+from lightning_sparsity.pruning.analysis.graph import TraceError, trace_with_opaque
+from lightning_sparsity.pruning.analysis.leaves import LeafKind, leaf_kind
 
 
 @dataclass
@@ -59,30 +57,18 @@ class Capture:
     untraced: dict[str, str] = field(default_factory=dict)  # module -> why (never ran, ...)
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[nn.Module], opaque: set[nn.Module]) -> None:
-        super().__init__(autowrap_modules=(math,))
-        self.record_stack_traces = True
-        self.leaves = leaves
-        self.opaque = opaque
-        self.stack: list[nn.Module] = []
-        self.failed: list[nn.Module] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if m in self.opaque or m in self.leaves:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self.stack.append(m)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed is None:
-                self.failed = list(self.stack)
-            raise
-        finally:
-            self.stack.pop()
+@contextlib.contextmanager
+def without_hooks(model: nn.Module) -> Iterator[None]:
+    """The user's forward hooks do not fire while the analysis runs the model (restored)."""
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
+    for m, _, _ in saved:
+        m._forward_hooks = OrderedDict()
+        m._forward_pre_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        for m, post, pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = post, pre
 
 
 def record_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[nn.Module, tuple[Any, ...]]:
@@ -112,40 +98,6 @@ def record_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[nn.Module, 
     return seen
 
 
-def _where(err: BaseException, module: nn.Module) -> str:
-    """The innermost line of the module's own source where ``err`` was raised, if any."""
-    try:
-        source = inspect.getsourcefile(type(module)) or ""
-    except TypeError:
-        source = ""
-    frames = traceback.extract_tb(err.__traceback__)
-    mine = [f for f in frames if source and f.filename == source] or frames[-1:]
-    if not mine:
-        return ""
-    f = mine[-1]
-    return f" at {f.filename}:{f.lineno} (`{(f.line or '').strip()}`)"
-
-
-def _trace(
-    module: nn.Module, leaves: set[nn.Module], max_opaque: int = 64
-) -> tuple[fx.GraphModule | None, set[nn.Module], str]:
-    """Trace ``module``; submodules fx cannot follow become opaque leaves. ``None`` when the
-    module's own code cannot be traced (with the reason)."""
-    opaque: set[nn.Module] = set()
-    for _ in range(max_opaque):
-        tracer = _Tracer(leaves, opaque)
-        try:
-            graph = tracer.trace(module)
-        except Exception as err:
-            failed = [m for m in (tracer.failed or []) if m is not module]
-            if not failed:
-                return None, opaque, f"{type(err).__name__}: {err}{_where(err, module)}"
-            opaque.add(failed[-1])
-            continue
-        return fx.GraphModule(module, graph, type(module).__name__), opaque, ""
-    return None, opaque, f"more than {max_opaque} submodules cannot be traced"
-
-
 def _with_params(gm: fx.GraphModule) -> set[str]:
     out = set()
     for node in gm.graph.nodes:
@@ -161,13 +113,13 @@ def _trace_both(
 ) -> tuple[fx.GraphModule | None, set[nn.Module], str]:
     """The eval-mode graph, or the training-mode one when it calls layers the eval-mode graph
     does not (auxiliary heads: they must keep fitting their inputs after pruning)."""
-    gm, opaque, why = _trace(module, leaves)
+    gm, opaque, why = trace_with_opaque(module, leaves)
     if gm is None:
         return gm, opaque, why
     flags = [(m, m.training) for m in module.modules()]
     module.train()
     try:
-        gm_train, opaque_train, _ = _trace(module, leaves)
+        gm_train, opaque_train, _ = trace_with_opaque(module, leaves)
     finally:
         for m, flag in flags:
             m.training = flag
@@ -185,6 +137,11 @@ def capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:
         TraceError: not even one region could be captured.
     """
     model.eval()
+    with without_hooks(model):
+        return _capture(model, inputs)
+
+
+def _capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:
     try:
         calls = record_inputs(model, inputs)
     except Exception as err:
