@@ -301,3 +301,48 @@ def test_parameters_used_in_forward_are_sliced_with_their_channel(tmp_path: obje
     path = save_pruned(pruned, Path(str(tmp_path)) / "scaled.pt", example_inputs=x)
     again = load_pruned(path, ScaledNet()).eval()
     torch.testing.assert_close(again(y), net(y))
+
+
+def test_thresholding_and_export_agree_on_a_timm_network(tmp_path: object) -> None:
+    """FilterThresholding kills filters of timm's EfficientNet-B0 with their BatchNormAct2d, the
+    monitor counts them dead, and the export removes them (what stays says why)."""
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    from _shared import make_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sparsity import FilterThresholding, PrunedExport, SparsityMonitor
+
+    timm = pytest.importorskip("timm")
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm.create_model("efficientnet_b0", num_classes=3)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> DataLoader:
+            data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))
+            return DataLoader(data, batch_size=2)
+
+    root = Path(str(tmp_path))
+    thresholding = FilterThresholding(
+        criterion="l1", fraction=0.25, layers=lambda n, m: n.startswith("blocks.6")
+    )
+    monitor = SparsityMonitor(histograms=False, layers=lambda n, m: n.startswith("blocks.6"))
+    export = PrunedExport(dirpath=root, formats=("pt",))
+    module = Module()
+    trainer = make_trainer(root, [export, monitor, thresholding], logger=True)
+    trainer.fit(module)
+    killed = {n: (~m).nonzero().flatten().tolist() for n, m in thresholding.masks.items()}
+    assert sum(map(len, killed.values())) > 0
+    for name, idx in killed.items():  # the monitor saw them dead
+        live = int(trainer.callback_metrics[f"sparsity/{name}/filters"])
+        assert live == thresholding.masks[name].numel() - len(idx)
+    assert export.report.params_after < export.report.params_before

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_sparsity.pruning.surgery import CHANNEL_NORM_TYPES
+from lightning_sparsity.pruning.layers import CHANNEL_NORM_TYPES
 
 _WIDTH_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear, *CHANNEL_NORM_TYPES, nn.PReLU)
 

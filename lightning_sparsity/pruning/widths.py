@@ -16,98 +16,23 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.conv import _ConvNd
 
+from lightning_sparsity.pruning.layers import COUNT_ATTRS, Layer, Shape, layer_of
 from lightning_sparsity.pruning.outputs import run_eval
 
 WIDTHS_FORMAT = "lightning_sparsity.pruned_widths"
 WIDTHS_VERSION = 1
 
-Shape = tuple[int, ...]
 
-
-@dataclass(frozen=True)
-class _Family:
-    """How one family of layers stores its widths and which tensor shapes follow from them."""
-
-    attrs: tuple[str, ...]
-    shapes: Callable[[nn.Module, dict[str, Any]], dict[str, Shape]]
-    rule: Callable[[dict[str, Any]], str | None] = lambda w: None
-
-
-def _conv_shapes(module: nn.Module, w: dict[str, Any]) -> dict[str, Shape]:
-    m = cast(_ConvNd, module)
-    inc, outc, g = w["in_channels"], w["out_channels"], w["groups"]
-    lead = (inc, outc // g) if m.transposed else (outc, inc // g)
-    return {"weight": (*lead, *m.kernel_size), "bias": (outc,)}
-
-
-def _groups_rule(w: dict[str, Any]) -> str | None:
-    g = w["groups"]
-    if w["in_channels"] % g or w["out_channels"] % g:
-        inc, outc = w["in_channels"], w["out_channels"]
-        return f"`groups`={g} must divide in_channels={inc} and out_channels={outc}"
-    return None
-
-
-def _norm_groups_rule(w: dict[str, Any]) -> str | None:
-    if w["num_channels"] % w["num_groups"]:
-        return f"`num_groups`={w['num_groups']} must divide num_channels={w['num_channels']}"
-    return None
-
-
-def _per_feature(attr: str) -> Callable[[nn.Module, dict[str, Any]], dict[str, Shape]]:
-    def shapes(m: nn.Module, w: dict[str, Any]) -> dict[str, Shape]:
-        n = (w[attr],)
-        return {"weight": n, "bias": n, "running_mean": n, "running_var": n}
-
-    return shapes
-
-
-# Checked in order: the first isinstance match wins.
-_FAMILIES: tuple[tuple[type[nn.Module], _Family], ...] = (
-    (_ConvNd, _Family(("in_channels", "out_channels", "groups"), _conv_shapes, _groups_rule)),
-    (
-        nn.Linear,
-        _Family(
-            ("in_features", "out_features"),
-            lambda m, w: {
-                "weight": (w["out_features"], w["in_features"]),
-                "bias": (w["out_features"],),
-            },
-        ),
-    ),
-    (_NormBase, _Family(("num_features",), _per_feature("num_features"))),
-    (
-        nn.GroupNorm,
-        _Family(("num_groups", "num_channels"), _per_feature("num_channels"), _norm_groups_rule),
-    ),
-    (
-        nn.LayerNorm,
-        _Family(
-            ("normalized_shape",),
-            lambda m, w: {
-                "weight": tuple(w["normalized_shape"]),
-                "bias": tuple(w["normalized_shape"]),
-            },
-        ),
-    ),
-    (nn.PReLU, _Family(("num_parameters",), _per_feature("num_parameters"))),
-)
-
-
-def _family(module: nn.Module) -> _Family | None:
-    for base, family in _FAMILIES:
-        if isinstance(module, base):
-            return family
-    return None
+def _family(module: nn.Module) -> Layer | None:
+    """The registry entry of a layer that has widths to save."""
+    layer = layer_of(module)
+    return layer if layer is not None and layer.attrs else None
 
 
 def _plain(value: Any) -> Any:
@@ -181,7 +106,7 @@ def _is_width(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_entry(name: str, module: nn.Module, entry: Any, family: _Family) -> dict[str, Any]:
+def _check_entry(name: str, module: nn.Module, entry: Any, family: Layer) -> dict[str, Any]:
     """The validated widths of one entry, or a ValueError saying which rule it breaks."""
     cls = type(module).__name__
     if not isinstance(entry, Mapping) or entry.get("class") != cls:
@@ -211,10 +136,6 @@ def _check_entry(name: str, module: nn.Module, entry: Any, family: _Family) -> d
     if problem:
         raise ValueError(f"module {name!r} (`{cls}`): {problem}")
     return widths
-
-
-#: Integer attributes that count a module's channels, updated with its tensors' first dimension.
-COUNT_ATTRS: tuple[str, ...] = ("num_features", "num_channels", "channels", "dim", "num_parameters")
 
 
 def _check_tensors(

@@ -32,10 +32,7 @@ from lightning_sparsity.pruning.analysis.spaces import (
     moved,
     param_ref,
 )
-from lightning_sparsity.pruning.surgery import CHANNEL_NORM_TYPES
-
-#: Layers whose output channels are sources and whose input channels are exits.
-MIXING_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
+from lightning_sparsity.pruning.layers import CHANNEL_NORM_TYPES, MIXING_TYPES
 
 
 class UnsupportedOpError(ValueError):

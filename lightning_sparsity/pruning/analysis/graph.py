@@ -16,10 +16,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-#: Layers whose output units ("filters") can be pruned.
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-#: Normalisation layers whose per-channel scale and shift follow a prunable layer.
-BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from lightning_sparsity.pruning.layers import BATCHNORM_TYPES, PRUNABLE_TYPES
+
+__all__ = ["BATCHNORM_TYPES", "PRUNABLE_TYPES", "TraceError", "batchnorm_after", "trace"]
 
 
 class TraceError(RuntimeError):

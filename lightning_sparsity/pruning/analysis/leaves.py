@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_sparsity.pruning.widths import COUNT_ATTRS
+from lightning_sparsity.pruning.layers import COUNT_ATTRS
 
 LeafKind = Literal["conv", "linear", "channelwise"]
 

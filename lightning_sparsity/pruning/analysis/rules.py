@@ -57,7 +57,7 @@ from lightning_sparsity.pruning.analysis.spaces import (
     mix_value,
     norm_value,
 )
-from lightning_sparsity.pruning.surgery import CHANNEL_NORM_TYPES
+from lightning_sparsity.pruning.layers import CHANNEL_NORM_TYPES, MIXING_NORM_TYPES
 
 if TYPE_CHECKING:
     from lightning_sparsity.pruning.analysis.coupling import Analysis
@@ -378,7 +378,7 @@ _MODULE_RULES: tuple[tuple[tuple[type[nn.Module], ...], Rule], ...] = (
     ((nn.Linear,), _linear),
     (CHANNEL_NORM_TYPES, _norm),
     ((nn.PReLU,), _prelu),
-    ((nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm), _mixing_norm),
+    (MIXING_NORM_TYPES, _mixing_norm),
     (_ACTIVATIONS, _channelwise(_module_act)),
     (_IDENTITIES, _channelwise(_same)),
     (_POOLS, _channelwise(_pool_module)),
