@@ -318,6 +318,17 @@ def test_missing_onnx_fails_at_setup_before_training(
     assert counter.batches == 0
 
 
+def test_default_formats_need_no_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install has no ONNX packages: `PrunedExport()` still exports (.ckpt and .pt2)."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    export = PrunedExport(dirpath=tmp_path / "out")
+    assert export.formats == ("ckpt", "pt2")
+    trainer(tmp_path, [KillFilters(), export]).fit(LitTiny(), loader())
+    assert sorted(export.paths) == ["ckpt", "pt2"]
+    assert all(p.is_file() for p in export.paths.values())
+
+
 def test_unknown_submodule_fails_at_setup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"submodule='net'.*children: \['model'\]"):
         trainer(tmp_path, [PrunedExport(submodule="net")]).fit(LitTiny(), loader())

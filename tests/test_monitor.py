@@ -119,7 +119,9 @@ def test_tensorboard_scalars_match_the_masks(tmp_path: Path) -> None:
     ]
     # epoch-end points sit at Lightning's step index for epoch metrics: global_step - 1
     assert [step for step, _ in probe.history] == [2, 4, 6]
-    assert sorted(scalar_series(events, "sparsity/filters")) == [1, 3, 5]
+    # and a first point before training, at step 0, with every filter live
+    assert sorted(scalar_series(events, "sparsity/filters")) == [0, 1, 3, 5]
+    assert scalar_series(events, "sparsity/filters")[0] == 4 + 6
     for global_step, masks in probe.history:
         step = global_step - 1
         for name, mask in masks.items():
@@ -169,11 +171,11 @@ def test_log_every_n_steps_adds_step_points(tmp_path: Path) -> None:
     callbacks = [thresholding, SparsityMonitor(log_every_n_steps=3, histograms=False)]
     make_trainer(tmp_path, callbacks, logger=logger, limit_train_batches=4).fit(Tiny())
     filters = scalar_series(read_events(logger.log_dir), "sparsity/conv2/filters")
-    # optimizer steps 3, 6, 9 from the step logging, the ends of epochs (steps 4, 8, 12) from the
-    # epoch logging; all at Lightning's index, step - 1
-    assert sorted(filters) == [2, 3, 5, 7, 8, 11]
+    # the start (step 0), optimizer steps 3, 6, 9 from the step logging, the ends of epochs
+    # (steps 4, 8, 12) from the epoch logging; all at Lightning's index, step - 1
+    assert sorted(filters) == [0, 2, 3, 5, 7, 8, 11]
     # conv2: 6 live during epoch 0, 5 after its end (step 4), 4 after step 8, 3 after step 12
-    assert [filters[s] for s in sorted(filters)] == [6, 5, 5, 4, 4, 3]
+    assert [filters[s] for s in sorted(filters)] == [6, 6, 5, 5, 4, 4, 3]
 
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
@@ -183,6 +185,8 @@ def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     make_trainer(tmp_path, [thresholding, SparsityMonitor(), probe], logger=logger).fit(Tiny())
     with open(Path(logger.log_dir) / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("sparsity/filters")]
+    start, rows = rows[0], rows[1:]  # the point before training: every filter live
+    assert (int(start["step"]), float(start["sparsity/filters"])) == (0, 4 + 6)
     assert [int(row["step"]) for row in rows] == [step - 1 for step, _ in probe.history]
     for row, (_, masks) in zip(rows, probe.history, strict=True):
         assert float(row["sparsity/conv2/filters"]) == int(masks["conv2"].sum())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +397,13 @@ def test_reshape_needs_nothing_when_widths_are_equal() -> None:
 def Net(c1: int = 8, c2: int = 12, hidden: int = 16, groups: int = 2) -> nn.Module:
     """The shared grouped net, with a LayerNorm between the Linear layers."""
     return GroupedNet(c1, c2, hidden, groups, layer_norm=True)
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; Lightning's checkpoints are 0644 under the usual umask."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "f.pt", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -117,11 +117,11 @@ def test_tensorboard_server_serves_the_filter_curves(tmp_path: Path) -> None:
         query = urllib.parse.urlencode({"run": run, "tag": "sparsity/2/filters"})
         points = wait_for(
             f"{base}/data/plugin/scalars/scalars?{query}",
-            lambda answer: isinstance(answer, list) and len(answer) == 3,
+            lambda answer: isinstance(answer, list) and len(answer) == 4,
             process,
         )
-        # [[wall_time, step, value], ...]
-        assert [(step, value) for _, step, value in points] == counts.history
+        # [[wall_time, step, value], ...]: the point before training (6 filters), then each epoch
+        assert [(step, value) for _, step, value in points] == [(0, 6.0), *counts.history]
 
         tags = set(get_json(f"{base}/data/plugin/scalars/tags")[run])
         assert {"sparsity/0/filters", "sparsity/filters", "sparsity/params"} <= tags

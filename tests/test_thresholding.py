@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,21 @@ def test_threshold_zero_kills_exactly_zero_filters_only(tmp_path: Path) -> None:
     make_trainer(tmp_path, [cb]).fit(model)
     assert cb.masks["conv1"].tolist() == [False, True, True, True]
     assert all(cb.masks["conv2"].tolist())
+
+
+def test_a_last_round_with_kills_at_the_very_end_warns(tmp_path: Path) -> None:
+    """Filters killed at the end of the last epoch are exported untrained: say so."""
+    model = Tiny()
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
+    with pytest.warns(UserWarning, match=r"last round killed 2 filters at the end of the last"):
+        make_trainer(tmp_path, [FilterThresholding(threshold=0.1)]).fit(model)
+
+
+def test_no_warning_when_training_follows_the_last_round(tmp_path: Path) -> None:
+    model = Tiny()
+    set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])
+    thresholding = FilterThresholding(threshold=0.1, max_rounds=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*last round killed.*")
+        make_trainer(tmp_path, [thresholding], max_epochs=2).fit(model)
+    assert thresholding.rounds == 1

@@ -69,7 +69,8 @@ class PrunedExport(OrderedCallback):
         dirpath: output directory; default ``<trainer.log_dir>/pruned`` (``default_root_dir``
             without a logger).
         filename: file name without suffix.
-        formats: a non-empty subset of ``("ckpt", "pt", "pt2", "onnx")``.
+        formats: a non-empty subset of ``("ckpt", "pt", "pt2", "onnx")``; the default needs no
+            extra package (``"onnx"`` needs ``pip install "lightning-sparsity[export]"``).
         example_inputs: a tensor or tuple of tensors the network takes (a couple of samples).
             Default: ``pl_module.example_input_array``, else the first two samples of the first
             training batch (its first element when the batch is a tuple or list).
@@ -128,7 +129,7 @@ class PrunedExport(OrderedCallback):
         self,
         dirpath: str | os.PathLike[str] | None = None,
         filename: str = "pruned",
-        formats: Sequence[str] = ("ckpt", "pt2", "onnx"),
+        formats: Sequence[str] = ("ckpt", "pt2"),
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         submodule: str | None = None,
         verify: bool = True,

@@ -114,6 +114,7 @@ class SparsityMonitor(OrderedCallback):
         self._bns: dict[str, str] = {}
         self._example: Tensor | tuple[Tensor, ...] | None = None
         self._last_global_step = -1
+        self._initial_due = False
 
     def _validate(self) -> None:
         t = self.tolerance
@@ -190,6 +191,9 @@ class SparsityMonitor(OrderedCallback):
         }
         for logger in self._tensorboards(trainer):
             logger.experiment.add_custom_scalars(layout)
+        # a first point before any step (so that even a one-epoch run draws a line), taken at the
+        # first batch: every callback's on_train_start (restored state, U) has run by then
+        self._initial_due = True
 
     # ------------------------------------------------------------------ measuring
     def _live(self, network: nn.Module) -> dict[str, Tensor]:
@@ -256,8 +260,16 @@ class SparsityMonitor(OrderedCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._example is not None:
-            return
+        if self._example is None:
+            self._capture(batch)
+        if self._initial_due:
+            self._initial_due = False
+            with exported_view(trainer):
+                metrics, _ = self.measure(pl_module)
+            for any_logger in trainer.loggers:
+                any_logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _capture(self, batch: Any) -> None:
         inputs = _first_tensor(batch)
         if inputs is None:
             raise RuntimeError(

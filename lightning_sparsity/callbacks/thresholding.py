@@ -149,6 +149,10 @@ class FilterThresholding(OrderedCallback):
         self.masks: dict[str, Tensor] = {}
         self.rounds = 0
         self._groups: dict[str, FilterGroup] = {}
+        self._last_kill: tuple[int, int] = (
+            -1,
+            0,
+        )  # (global step, filters killed) of the last round
         self._dead: dict[str, Tensor] = {}
 
     def __repr__(self) -> str:
@@ -319,7 +323,10 @@ class FilterThresholding(OrderedCallback):
         if self.max_rounds is not None and self.rounds >= self.max_rounds:
             return
         masks = {name: self._decide(group) for name, group in self._groups.items()}
-        self.masks = trainer.strategy.broadcast(masks, src=0)
+        masks = trainer.strategy.broadcast(masks, src=0)
+        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items())
+        self._last_kill = (trainer.global_step, killed)
+        self.masks = masks
         self.rounds += 1
         self._refresh_dead()
         self._apply(trainer)
@@ -328,6 +335,14 @@ class FilterThresholding(OrderedCallback):
 
     def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(trainer)
+        step, killed = self._last_kill
+        if killed and step == trainer.global_step:
+            rank_zero_warn(
+                f"`FilterThresholding`: the last round killed {killed} filters at the end of the "
+                "last epoch, and no training step followed: the layers that read them were never "
+                "trained without them, so accuracy may drop. HINT: stop the rounds earlier "
+                "(`max_rounds`, `every_n_epochs`) or train one more epoch after the last round."
+            )
 
     # ------------------------------------------------------------------ the decision
     def _score(self, weight: Tensor) -> Tensor:

@@ -104,6 +104,9 @@ def atomic_write(
             os.fsync(f.fileno())
         if check is not None:
             check(tmp)
+        umask = os.umask(0)  # mkstemp made it 0600: give it the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
