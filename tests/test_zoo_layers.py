@@ -346,3 +346,37 @@ def test_thresholding_and_export_agree_on_a_timm_network(tmp_path: object) -> No
         live = int(trainer.callback_metrics[f"sparsity/{name}/filters"])
         assert live == thresholding.masks[name].numel() - len(idx)
     assert export.report.params_after < export.report.params_before
+
+
+class NormInside(nn.Module):
+    """A block that calls `F.batch_norm` on its own tensors, with an activation, in `forward`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.bias = nn.Parameter(torch.rand(8))
+        self.register_buffer("running_mean", torch.rand(8))
+        self.register_buffer("running_var", torch.rand(8) + 0.5)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        y = F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, False)
+        return self.head(F.silu(y))
+
+
+def test_a_functional_batch_norm_on_a_modules_tensors_is_sliced() -> None:
+    net = NormInside().eval()
+    with torch.no_grad():
+        net.conv.weight[[1, 5]] = 0
+        net.conv.bias[[1, 5]] = 0
+        for t in (net.weight, net.bias, net.running_mean):
+            t[[1, 5]] = 0
+    x = torch.randn(2, 3, 6, 6)
+    assert plan_pruning(net, x).removed_out() == {"conv": [1, 5]}
+    pruned = prune_model(net, x)
+    assert pruned.weight.shape == pruned.running_var.shape == (6,)
+    assert pruned.head.in_channels == 6
+    y = torch.randn(1, 3, 7, 7)
+    torch.testing.assert_close(pruned(y), net(y))

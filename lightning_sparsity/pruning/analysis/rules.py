@@ -51,6 +51,7 @@ from lightning_sparsity.pruning.analysis.reshapes import (
 )
 from lightning_sparsity.pruning.analysis.spaces import (
     NAN,
+    ParamRef,
     Space,
     finite,
     live,
@@ -305,6 +306,38 @@ def _leaf_channelwise(a: Analysis, node: fx.Node) -> Any:
     return Space(1, slots, value)
 
 
+def _functional_batch_norm(a: Analysis, node: fx.Node) -> Any:
+    """``F.batch_norm(x, mean, var, weight, bias, training=False, ...)`` with the statistics and
+    the affine parameters a module's own tensors (a zoo's norm written in a larger ``forward``):
+    like a BatchNorm layer, its tensors sliced with the channels."""
+    x, in_shape = input_space(a, node)
+    if x is None or in_shape is None or x.dim != 1 or x.slots.dim() != 1:
+        return a.unknown(node)
+    n = x.slots.numel()
+    training, eps = arg(node, 5, "training", False), arg(node, 7, "eps", 1e-5)
+    refs = [a.space(arg(node, i, key)) for i, key in enumerate(_BN_ARGS, start=1)]
+    if training is not False or not isinstance(eps, float | int):
+        return a.unknown(node, "a batch norm in training mode, or one the analysis cannot read")
+    if any(r is not None and (not isinstance(r, ParamRef) or r.size != n) for r in refs):
+        return a.unknown(node, "a batch norm whose statistics are not a module's own tensors")
+    for r in refs:
+        if isinstance(r, ParamRef):
+            a.uf.union(a.param_slots(r), x.slots)
+    mean, var, weight, bias = (
+        r.value if isinstance(r, ParamRef) else torch.full((n,), d, dtype=torch.float64)
+        for r, d in zip(refs, (0.0, 1.0, 1.0, 0.0))
+    )
+    scale = weight / torch.sqrt(var + float(eps))
+    value = torch.where(scale == 0, bias, (x.value - mean) * scale + bias)
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in a.layer_out:
+        a.record_dead(str(src.target), finite(value))
+    return Space(1, x.slots, finite(value))
+
+
+_BN_ARGS = ("running_mean", "running_var", "weight", "bias")
+
+
 def _prelu(a: Analysis, node: fx.Node) -> Any:
     if cast(nn.PReLU, a.module(node)).num_parameters == 1:
         return _channelwise(_module_act)(a, node)
@@ -413,6 +446,7 @@ _FUNCTION_RULES: dict[Any, Rule] = {
     **dict.fromkeys(_POOL_FUNCTIONS, _channelwise(_pool_function)),
     **dict.fromkeys(_IDENTITY_FUNCTIONS, _channelwise(_same)),
     F.pad: _channelwise(_pad_function),
+    F.batch_norm: _functional_batch_norm,
     **dict.fromkeys((operator.add, operator.iadd, torch.add), binary("add")),
     **dict.fromkeys((operator.sub, operator.isub, torch.sub, torch.subtract), binary("sub")),
     **dict.fromkeys((operator.mul, operator.imul, torch.mul, torch.multiply), binary("mul")),
