@@ -168,11 +168,11 @@ def iter_spaces(value: Any) -> Iterator[Space]:
 def source_line(node: fx.Node) -> str:
     """The user's source line that created ``node`` (from the trace's stack), or ``""``."""
     trace = node.stack_trace or (node.meta.get("stack_trace") if node.meta else None) or ""
-    torch_dir = os.path.dirname(torch.__file__)
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
     lines = [
         ln.strip()
         for ln in str(trace).strip().splitlines()
-        if ln.strip().startswith("File") and torch_dir not in ln
+        if ln.strip().startswith("File") and not any(d in ln for d in skip)
     ]
     if not lines:
         return ""
