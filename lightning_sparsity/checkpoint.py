@@ -116,6 +116,16 @@ class PrunedCheckpointMixin(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         widths = checkpoint.get(WIDTHS_KEY)
+        trainer = getattr(self, "_trainer", None)
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        if widths is not None and fitting and "optimizer_states" not in checkpoint:
+            raise RuntimeError(
+                f"`Trainer.fit(ckpt_path=...)` was given a pruned export of "
+                f"`{type(self).__name__}`, which holds the pruned weights but no optimizer or loop "
+                "state to resume (the trained moments do not fit the smaller shapes). HINT: "
+                f"`module = {type(self).__name__}.load_from_checkpoint(path)`, then "
+                "`trainer.fit(module)` to fine-tune it"
+            )
         if widths is not None and not isinstance(checkpoint.get("state_dict"), dict):
             raise ValueError(
                 f"`{type(self).__name__}.load_from_checkpoint`: the checkpoint has pruned widths "

@@ -329,6 +329,13 @@ def test_default_formats_need_no_onnx(tmp_path: Path, monkeypatch: pytest.Monkey
     assert all(p.is_file() for p in export.paths.values())
 
 
+def test_pruned_export_as_ckpt_path_says_how_to_fine_tune(
+    exported: dict[str, Any], tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError, match=r"pruned export.*load_from_checkpoint\(path\)"):
+        trainer(tmp_path, []).fit(LitTiny(), loader(), ckpt_path=exported["export"].paths["ckpt"])
+
+
 def test_unknown_submodule_fails_at_setup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"submodule='net'.*children: \['model'\]"):
         trainer(tmp_path, [PrunedExport(submodule="net")]).fit(LitTiny(), loader())
