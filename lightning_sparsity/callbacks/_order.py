@@ -95,6 +95,8 @@ class OrderedCallback(Callback):
 
         Each callback runs a given ``(phase, key)`` once, whichever of them Lightning calls first.
         """
+        if getattr(self, "_done", {}).get(phase) == key:
+            return  # a peer already ran this event for every sparsity callback
         callbacks = getattr(trainer, "callbacks", None) or []
         peers = [cb for cb in callbacks if isinstance(cb, OrderedCallback)]
         if not any(cb is self for cb in peers):

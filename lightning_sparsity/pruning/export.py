@@ -32,6 +32,7 @@ from lightning_sparsity.pruning.analysis.capture import capture
 from lightning_sparsity.pruning.analysis.coupling import ChannelPlan, Fold, analyze
 from lightning_sparsity.pruning.analysis.leaves import shrink_channelwise
 from lightning_sparsity.pruning.analysis.spaces import contribution
+from lightning_sparsity.pruning.layers import replace_tensor
 from lightning_sparsity.pruning.outputs import run_eval, tensors
 from lightning_sparsity.pruning.surgery import is_masked, shrink
 
@@ -194,11 +195,7 @@ def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
         axis = plan.param_axes[target]
         if keep.numel() == old.shape[axis]:
             continue
-        value = old.detach().index_select(axis, keep.to(old.device))
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-        else:
-            owner._buffers[attr] = value
+        replace_tensor(owner, attr, old.detach().index_select(axis, keep.to(old.device)))
     return model
 
 

@@ -63,7 +63,7 @@ def _copy(module: nn.Module, *keys: str) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _replace(new: nn.Module, key: str, value: Tensor) -> None:
+def replace_tensor(new: nn.Module, key: str, value: Tensor) -> None:
     """Replace the parameter or buffer ``key`` of ``new`` by ``value`` (a fresh tensor, from
     ``index_select``), keeping its kind (parameter or buffer) and ``requires_grad``."""
     if key in new._parameters and new._parameters[key] is not None:
@@ -133,9 +133,9 @@ def _shrink_conv(module: nn.Module, keep_out: Tensor | None, keep_in: Tensor | N
         int(out_idx.numel()),
         groups,
     )
-    _replace(new, "weight", w)
+    replace_tensor(new, "weight", w)
     if m.bias is not None:
-        _replace(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
+        replace_tensor(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
     return new
 
 
@@ -157,9 +157,9 @@ def _shrink_conv_transpose(
     w = weight.index_select(0, in_idx.to(dev)).index_select(1, out_idx.to(dev))
     new = cast(_ConvNd, _copy(m, "weight", "bias"))
     new.in_channels, new.out_channels = int(in_idx.numel()), int(out_idx.numel())
-    _replace(new, "weight", w)
+    replace_tensor(new, "weight", w)
     if m.bias is not None:
-        _replace(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
+        replace_tensor(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
     return new
 
 
@@ -173,9 +173,9 @@ def _shrink_linear(module: nn.Module, keep_out: Tensor | None, keep_in: Tensor |
     w = m.weight.detach().index_select(0, out_idx.to(dev)).index_select(1, in_idx.to(dev))
     new = cast(nn.Linear, _copy(m, "weight", "bias"))
     new.in_features, new.out_features = int(in_idx.numel()), int(out_idx.numel())
-    _replace(new, "weight", w)
+    replace_tensor(new, "weight", w)
     if m.bias is not None:
-        _replace(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
+        replace_tensor(new, "bias", m.bias.detach().index_select(0, out_idx.to(dev)))
     return new
 
 
@@ -195,7 +195,7 @@ def _shrink_norm(module: nn.Module, keep_out: Tensor | None, keep_in: Tensor | N
     for key in ("weight", "bias", "running_mean", "running_var"):
         old = getattr(m, key, None)
         if isinstance(old, Tensor):
-            _replace(new, key, old.detach().index_select(0, idx.to(old.device)))
+            replace_tensor(new, key, old.detach().index_select(0, idx.to(old.device)))
     return new
 
 
@@ -218,7 +218,7 @@ def _shrink_prelu(module: nn.Module, keep_out: Tensor | None, keep_in: Tensor | 
     idx = cast(Tensor, _check("PReLU", keep, m.num_parameters, "keep")).sort().values
     new = cast(nn.PReLU, _copy(m, "weight"))
     new.num_parameters = int(idx.numel())
-    _replace(new, "weight", m.weight.detach().index_select(0, idx.to(m.weight.device)))
+    replace_tensor(new, "weight", m.weight.detach().index_select(0, idx.to(m.weight.device)))
     return new
 
 

@@ -27,15 +27,20 @@ def tensors(value: Any) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, each submodule's own training flag restored afterwards."""
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` inside, each submodule's own flag restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Eval mode inside, each submodule's own training flag restored afterwards."""
+    return training_mode(model, False)
 
 
 def run_eval(model: Any, args: tuple[Any, ...]) -> list[Tensor]:

@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_sparsity.pruning.analysis.graph import TraceError, trace_with_opaque
 from lightning_sparsity.pruning.analysis.leaves import LeafKind, leaf_kind
+from lightning_sparsity.pruning.outputs import training_mode
 
 
 @dataclass
@@ -116,13 +117,8 @@ def _trace_both(
     gm, opaque, why = trace_with_opaque(module, leaves)
     if gm is None:
         return gm, opaque, why
-    flags = [(m, m.training) for m in module.modules()]
-    module.train()
-    try:
+    with training_mode(module, True):
         gm_train, opaque_train, _ = trace_with_opaque(module, leaves)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     if gm_train is not None and _with_params(gm_train) - _with_params(gm):
         return gm_train, opaque_train, ""
     return gm, opaque, why

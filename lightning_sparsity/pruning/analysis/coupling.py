@@ -14,7 +14,6 @@ zeros at the border) the group is kept. See :func:`analyze`.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_sparsity.pruning.analysis.graph import layers_reaching_output
 from lightning_sparsity.pruning.analysis.spaces import (
     ParamRef,
     Space,
@@ -325,7 +325,7 @@ class Analysis:
                     node.meta.get("tensor_meta", None) and tuple(node.meta["tensor_meta"].shape),
                 )
             elif node.op == "output":
-                for name in _output_layers(self.gm, self.modules):
+                for name in layers_reaching_output(self.gm, MIXING_TYPES):
                     if name in self.layer_out:
                         self.pin(
                             self.layer_out[name],
@@ -584,23 +584,6 @@ def _mutated_inputs(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx
             if isinstance(src, fx.Node) and len(src.users) > 1 and _is_inplace(node, modules):
                 out.add(src)
     return out
-
-
-def _output_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[str]:
-    """Conv/Linear layers reached walking back from the output through other ops."""
-    found: set[str] = set()
-    seen: set[fx.Node] = set()
-    queue = deque(n for n in gm.graph.nodes if n.op == "output")
-    while queue:
-        node = queue.popleft()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module" and isinstance(modules[str(node.target)], MIXING_TYPES):
-            found.add(str(node.target))
-            continue
-        queue.extend(node.all_input_nodes)
-    return found
 
 
 def analyze(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_sparsity.pruning.layers import BATCHNORM_TYPES, PRUNABLE_TYPES
+from lightning_sparsity.pruning.outputs import training_mode
 
 __all__ = ["BATCHNORM_TYPES", "PRUNABLE_TYPES", "TraceError", "batchnorm_after", "trace"]
 
@@ -105,13 +106,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
         TraceError: the model's own forward cannot be traced (naming the line).
     """
     leaves = {m for m in model.modules() if is_norm_like(m) and m is not model}
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with training_mode(model, False):
         gm, _, why = trace_with_opaque(model, leaves)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     if gm is None:
         raise TraceError(
             f"torch.fx could not trace `{type(model).__name__}`: {why}. HINT: the callbacks "
@@ -139,6 +135,12 @@ def output_layer_names(model: nn.Module) -> set[str]:
     except TraceError:
         last = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
         return {last[-1]} if last else set()
+    return layers_reaching_output(gm, PRUNABLE_TYPES)
+
+
+def layers_reaching_output(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> set[str]:
+    """The layers of ``types`` reached walking back from the graph's output through every other
+    op (the classifier, the last convs of a segmentation head)."""
     found: set[str] = set()
     seen: set[fx.Node] = set()
     queue = deque(n for n in gm.graph.nodes if n.op == "output")
@@ -148,7 +150,7 @@ def output_layer_names(model: nn.Module) -> set[str]:
             continue
         seen.add(node)
         module = _module_of(gm, node)
-        if module is not None and isinstance(module, PRUNABLE_TYPES):
+        if module is not None and isinstance(module, types):
             found.add(str(node.target))
             continue
         queue.extend(node.all_input_nodes)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_sparsity.pruning.layers import COUNT_ATTRS
+from lightning_sparsity.pruning.layers import COUNT_ATTRS, replace_tensor
 
 LeafKind = Literal["conv", "linear", "channelwise"]
 
@@ -49,11 +49,7 @@ def shrink_channelwise(module: nn.Module, keep: Tensor, channels: int) -> nn.Mod
     new = copy.deepcopy(module)
     for name, t in _own_tensors(module).items():
         if t.dim() >= 1 and t.shape[0] == channels and t.numel() > 1:
-            value = t.detach().index_select(0, idx.to(t.device))
-            if name in new._parameters:
-                new._parameters[name] = nn.Parameter(value, requires_grad=t.requires_grad)
-            else:
-                new._buffers[name] = value
+            replace_tensor(new, name, t.detach().index_select(0, idx.to(t.device)))
     for attr in COUNT_ATTRS:
         if getattr(new, attr, None) == channels and not isinstance(getattr(new, attr), bool):
             setattr(new, attr, int(idx.numel()))
