@@ -1,4 +1,4 @@
-"""Which layers a sparsity callback acts on.
+"""Which layers a sparsity callback acts on, and with which groups.
 
 By default every Conv1d/2d/3d and Linear layer. The output units of the layer(s) producing the
 model's output are never a prunable group (they are the classes): such layers are returned with
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_sparsity.functional.groups import check_granularity, check_weight
 from lightning_sparsity.pruning.analysis.graph import PRUNABLE_TYPES, output_layer_names
 
 LayerSpec = Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -32,23 +33,25 @@ def select_layers(
 ) -> list[PrunableLayer]:
     """Select the prunable layers of ``model``.
 
-    Args:
-        model: the network.
-        layers: ``None`` for every Conv/Linear layer; a sequence of qualified module names; or a
-            predicate ``(name, module) -> bool`` applied to the Conv/Linear layers.
-        owner: the caller's name, used in error messages (e.g. ``"SparsityRegularizer"``).
+        Args:
+            model: the network.
+            layers: ``None`` for every Conv/Linear layer; a sequence of qualified module names; or a
+                predicate ``(name, module) -> bool`` applied to the Conv/Linear layers.
+            owner: the caller's name, used in error messages (e.g. ``"SparsityRegularizer"``).
 
-    Raises:
-        ValueError: a name that does not exist (the available ones are listed), or that names a
-            layer of an unsupported type.
-        TypeError: ``layers`` of the wrong type.
+        Raises:
+            ValueError: a name that does not exist (the available ones are listed), or that names a
+                layer of an unsupported type.
+            TypeError: ``layers`` of the wrong type.
 
-    Example::
+        Example::
 
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10))
-        >>> [(layer.name, layer.is_output) for layer in select_layers(net)]
-        [('0', False), ('3', True)]
+            >>> from torch import nn
+
+    from lightning_sparsity.functional.groups import check_granularity, check_weight
+            >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10))
+            >>> [(layer.name, layer.is_output) for layer in select_layers(net)]
+            [('0', False), ('3', True)]
     """
     available = {
         name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)
@@ -81,3 +84,68 @@ def select_layers(
             chosen.append(name)
     outputs = output_layer_names(model)
     return [PrunableLayer(name, available[name], name in outputs) for name in chosen]
+
+
+def resolve_network(module: nn.Module) -> nn.Module:
+    """The network inside a LightningModule.
+
+    ``module.model`` when it is an ``nn.Module`` (the layer names in ``layers=`` are then relative
+    to it), else ``module`` itself.
+    """
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+@dataclass(frozen=True)
+class Target:
+    """One penalised weight: the layer's qualified name, the parameter and its granularity."""
+
+    name: str
+    param: nn.Parameter
+    granularity: str
+
+
+def select_targets(
+    module: nn.Module,
+    layers: LayerSpec,
+    granularity: str,
+    *,
+    owner: str,
+    linear_granularity: str | None = None,
+) -> list[Target]:
+    """The selected Conv/Linear weights with their granularity.
+
+    The output layer is skipped at "filter" granularity (its output units are the classes); a
+    "kernel" granularity on a Linear layer raises. ``linear_granularity`` overrides the granularity
+    of Linear layers.
+    """
+    network = resolve_network(module)
+    targets = []
+    for layer in select_layers(network, layers, owner=owner):
+        weight = getattr(layer.module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        gran = granularity
+        if isinstance(layer.module, nn.Linear) and linear_granularity is not None:
+            gran = linear_granularity
+        if gran == "filter" and layer.is_output:
+            continue
+        if gran == "kernel" and weight.dim() == 2:
+            raise ValueError(
+                f"`{owner}(granularity='kernel')`: layer {layer.name!r} is a Linear layer, whose "
+                "weight has no kh x kw kernel slices. HINT: select only convolutions, e.g. "
+                "`layers=lambda name, m: isinstance(m, torch.nn.Conv2d)`, or use 'weight'."
+            )
+        check_weight(weight, check_granularity(gran, owner=owner), owner=owner)
+        targets.append(Target(layer.name, weight, gran))
+    return targets
+
+
+def no_targets_message(owner: str, granularity: str) -> str:
+    """The warning of a callback that selected no layer."""
+    hint = (
+        " (at 'filter' granularity the output layer is skipped: its units are the classes)"
+        if granularity == "filter"
+        else ""
+    )
+    return f"`{owner}`: no layer selected{hint}; the callback does nothing."

@@ -48,7 +48,7 @@ CLASSES = (
 def six(tmp_path: Path) -> list[pl.Callback]:
     return [
         SparsityRegularizer("group_lasso", 1e-2),
-        ProximalSparsity(2e-2, norm="l0", granularity="filter", log_every_n_steps=1),
+        ProximalSparsity(2e-2, penalty="l0", granularity="filter", log_every_n_steps=1),
         VariableSplitting(1e-3, beta=1.0, log_every_n_steps=1),
         FilterThresholding(criterion="l1", fraction=0.25),
         SparsityMonitor(log_every_n_steps=1),

@@ -261,7 +261,7 @@ def test_the_sharding_check_knows_each_strategy() -> None:
         SingleDeviceStrategy,
     )
 
-    from lightning_sparsity.callbacks._common import refuse_sharded_strategy
+    from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 
     for cls in (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy):
         strategy = object.__new__(cls)

@@ -350,7 +350,7 @@ def test_unknown_submodule_fails_at_setup(tmp_path: Path) -> None:
         ({"formats": ("pt", "pt")}, ValueError, r"each format once"),
         ({"filename": "a/b"}, ValueError, r"without directories.*dirpath"),
         ({"filename": ""}, ValueError, r"non-empty file name"),
-        ({"atol": -1.0}, ValueError, r"`atol` >= 0, got -1.0"),
+        ({"atol": -1.0}, ValueError, r"`atol` finite and >= 0, got -1.0"),
         ({"rtol": "0"}, TypeError, r"rtol='0'.*float"),
         ({"verify": 1}, TypeError, r"verify=1.*bool"),
         ({"allow_unchanged": "yes"}, TypeError, r"allow_unchanged='yes'.*bool"),

@@ -179,7 +179,7 @@ def test_fused_mixed_granularities_and_errors() -> None:
     values, grads = penalty_and_grads("group_lasso", [conv, lin], ["filter", "channel"])
     torch.testing.assert_close(values[1], group_lasso(lin, "channel"))
     torch.testing.assert_close(grads[1], _autograd("group_lasso", lin, "channel"))
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="expected `penalty` in"):
         penalty_and_grads("l0", [conv])
     with pytest.raises(ValueError, match="`cap` finite and >= 0, got -1"):
         capped_l1(conv, cap=-1.0)

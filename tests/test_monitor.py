@@ -254,11 +254,11 @@ def test_without_a_logger_setup_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"tolerance": -1e-3}, ValueError, r"expected `tolerance` >= 0, got -0.001"),
-        ({"log_every_n_steps": 0}, ValueError, r"expected an int >= 1 or None, got 0"),
+        ({"tolerance": -1e-3}, ValueError, r"expected `tolerance` finite and >= 0, got -0.001"),
+        ({"log_every_n_steps": -1}, ValueError, r"expected `log_every_n_steps` >= 0, got -1"),
         ({"norm": "linf"}, ValueError, r"expected `norm` in \['l2', 'l1', 'mean_abs'\]"),
         ({"example_inputs": [1, 2]}, TypeError, r"expected a tensor or a tuple of tensors"),
-        ({"tolerance": "0"}, TypeError, r"expected a float"),
+        ({"tolerance": "0"}, TypeError, r"expected `tolerance` to be a float"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:

@@ -305,7 +305,7 @@ def test_proximal_equals_the_map_written_by_hand(
     tmp_path: Path, precision: str, optimizer: tuple[str, dict[str, Any]]
 ) -> None:
     lam = 1.0 if optimizer[0] == "sgd" else 1e-2
-    prox = ProximalSparsity(lam, norm="l1", granularity="weight")
+    prox = ProximalSparsity(lam, penalty="l1", granularity="weight")
     with_callback = run(tmp_path / "cb", precision, optimizer, [prox], lr=0.01)
 
     def after(module: Module, batch_idx: int) -> None:
@@ -331,7 +331,7 @@ def test_proximal_with_accumulation_and_clipping_under_fp16(tmp_path: Path, fuse
     lam = 1e-2
     optimizer = ("adam", {"fused": fused})
     clip = None if fused else 0.5  # Lightning refuses clipping with a fused optimizer under AMP
-    prox = ProximalSparsity(lam, norm="l1", granularity="weight")
+    prox = ProximalSparsity(lam, penalty="l1", granularity="weight")
     with_callback = run(tmp_path / "cb", "16-mixed", optimizer, [prox], 2, clip, lr=0.01)
 
     def after(module: Module, batch_idx: int) -> None:
@@ -404,7 +404,7 @@ class NaNAt(pl.Callback):
     [
         (lambda: SparsityRegularizer("l1", 1e-3, granularity="weight"), "penalty 'l1' is NaN"),
         (lambda: VariableSplitting(1e-3, beta=1.0), "the group term is NaN"),
-        (lambda: ProximalSparsity(1e-3, norm="l1", granularity="weight"), "stepped weight"),
+        (lambda: ProximalSparsity(1e-3, penalty="l1", granularity="weight"), "stepped weight"),
     ],
 )
 @pytest.mark.parametrize("fused", [False, True])

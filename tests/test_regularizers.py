@@ -294,15 +294,17 @@ def test_regularizer_misconfiguration() -> None:
         SparsityRegularizer("l1", 0.1, granularity="filters")
     with pytest.raises(ValueError, match=r"expected a `cap` >= 0"):
         SparsityRegularizer("capped_l1", 0.1)
-    with pytest.raises(ValueError, match=r"`cap` applies only to penalty='capped_l1'"):
+    with pytest.raises(ValueError, match=r"expected `cap` only with penalty='capped_l1'"):
         SparsityRegularizer("l1", 0.1, cap=1.0)
     with pytest.raises(ValueError, match=r"layer '5' is a Linear layer.*no kh x kw"):
         fit([SparsityRegularizer("group_lasso", 0.1, granularity="kernel")])
     with pytest.raises(ValueError, match=r"no module named 'conv9'.*Available.*'0', '2', '5'"):
         fit([SparsityRegularizer("group_lasso", 0.1, layers=["conv9"])])
-    with pytest.raises(ValueError, match=r"`log_every_n_steps` >= 0, got -1. HINT: 0 disables"):
+    with pytest.raises(ValueError, match=r"`log_every_n_steps` >= 0, got -1. HINT: 0 logs no step"):
         SparsityRegularizer("l1", 0.1, log_every_n_steps=-1)
-    with pytest.raises(ValueError, match=r"schedule's value finite and >= 0, got -1.0 at epoch 0"):
+    with pytest.raises(
+        ValueError, match=r"schedule's value to be a finite float >= 0, got -1.0 at epoch 0"
+    ):
         fit([SparsityRegularizer("l1", lambda epoch: -1.0)])
 
 
@@ -371,7 +373,7 @@ def _eta(optimizer: str, lr: float, state: dict[str, Any]) -> Tensor | float:
 def test_step_denominator_is_the_step_the_optimizer_took(make: Any, direction: str) -> None:
     """Known answer from the optimizer itself: the weights moved by ``-lr / d * direction``
     (Adam's first moment, or the gradient), at steps 1, 2 and 10."""
-    from lightning_sparsity.callbacks.proximal import step_denominator
+    from lightning_sparsity.functional.optim import step_denominator
 
     p = torch.nn.Parameter(torch.randn(50))
     optimizer = make(p)
@@ -473,7 +475,7 @@ def test_proximal_runs_only_after_optimizer_steps() -> None:
 
 
 def test_proximal_misconfiguration() -> None:
-    with pytest.raises(ValueError, match=r"expected `norm` in \['l0', 'l1'\], got 'l2'"):
+    with pytest.raises(ValueError, match=r"expected `penalty` in \['l0', 'l1'\], got 'l2'"):
         ProximalSparsity(0.1, "l2")
     with pytest.raises(ValueError, match=r"expected `metric` in \['auto', 'lr'\]"):
         ProximalSparsity(0.1, metric="adam")
@@ -577,7 +579,7 @@ def test_splitting_state_round_trips_through_a_checkpoint(tmp_path: Path) -> Non
 
 
 def test_splitting_misconfiguration() -> None:
-    with pytest.raises(ValueError, match=r"expected `beta` > 0"):
+    with pytest.raises(ValueError, match=r"expected `beta` finite and > 0"):
         VariableSplitting(0.1, beta=0.0)
     with pytest.raises(ValueError, match=r"expected `beta_growth` finite and >= 1"):
         VariableSplitting(0.1, beta=1.0, beta_growth=0.5)

@@ -6,12 +6,14 @@ order: penalties are added to the gradients before the dead filters' gradients a
 splitting method's ``W = U`` happens before the masks are re-applied and before the export, the
 epoch-end thresholding round happens before the monitor counts the live filters.
 
-Every sparsity callback derives from :class:`OrderedCallback`, which owns the four Lightning hooks
-concerned and turns each into a phase (``_before_step``, ``_batch_end``, ``_epoch_end``,
-``_train_end``, which subclasses implement). The first sparsity callback that Lightning reaches
-runs the phase of *all* the sparsity callbacks of the Trainer in their canonical order
-(:meth:`OrderedCallback.rank`); the others see that their phase already ran for this event and
-do nothing. The result is the same for every permutation of the list, bit for bit.
+Every sparsity callback derives from :class:`OrderedCallback`, which owns the five Lightning hooks
+concerned and turns each into a phase (``_train_start``, ``_before_step``, ``_batch_end``,
+``_epoch_end``, ``_train_end``, which subclasses implement). At train start, before any phase, the
+optimizers restored from a checkpoint are checked (:func:`check_restored_optimizers`). The first
+sparsity callback that Lightning reaches runs the phase of *all* the sparsity callbacks of the
+Trainer in their canonical order (:meth:`OrderedCallback.rank`); the others see that their phase
+already ran for this event and do nothing. The result is the same for every permutation of the
+list, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
+from typing_extensions import override
 
 #: The phases, with the method each runs (``_<phase>``) and the hook that triggers it.
-PHASES: tuple[str, ...] = ("before_step", "batch_end", "epoch_end", "train_end")
+PHASES: tuple[str, ...] = ("train_start", "before_step", "batch_end", "epoch_end", "train_end")
 
 
 class OrderedCallback(Callback):
@@ -52,11 +55,17 @@ class OrderedCallback(Callback):
         self._done = {}
 
     # ------------------------------------------------------------------ the hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, "train_start", "train_start", pl_module)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._run(trainer, "before_step", step_key(trainer, optimizer), pl_module, optimizer)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -67,13 +76,18 @@ class OrderedCallback(Callback):
     ) -> None:
         self._run(trainer, "batch_end", batch_key(trainer, batch_idx), pl_module, batch_idx)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, "epoch_end", trainer.current_epoch, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, "train_end", "train_end", pl_module)
 
     # ------------------------------------------------------------------ the phases
+    def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """When training starts (restored state and optimizers are in place)."""
+
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -97,6 +111,8 @@ class OrderedCallback(Callback):
         """
         if getattr(self, "_done", {}).get(phase) == key:
             return  # a peer already ran this event for every sparsity callback
+        if phase == "train_start":
+            check_restored_optimizers(trainer)
         callbacks = getattr(trainer, "callbacks", None) or []
         peers = [cb for cb in callbacks if isinstance(cb, OrderedCallback)]
         if not any(cb is self for cb in peers):
@@ -110,6 +126,27 @@ class OrderedCallback(Callback):
                 continue
             done[phase] = key
             getattr(cb, f"_{phase}")(trainer, *args)
+
+
+def check_restored_optimizers(trainer: Any) -> None:
+    """Raise when a resumed optimizer lacks settings its ``step`` reads.
+
+    ``Optimizer.load_state_dict`` replaces the param groups by the checkpoint's, so resuming an
+    ``Adam`` checkpoint with ``SGD(momentum=0.9)`` (or different optimizer arguments that add a
+    key) would fail at the first step with ``KeyError: 'momentum'``.
+    """
+    for optimizer in getattr(trainer, "optimizers", None) or []:
+        for group in optimizer.param_groups:
+            missing = sorted(set(optimizer.defaults) - set(group))
+            if missing:
+                raise RuntimeError(
+                    f"`{type(optimizer).__name__}` was restored from a checkpoint whose optimizer "
+                    f"state lacks its settings {missing}: the checkpoint was saved with a "
+                    "different optimizer or different optimizer arguments. HINT: resume with the "
+                    "`configure_optimizers` of the run that saved it, or start a new fit from its "
+                    "weights: `Model.load_from_checkpoint(path)` then `trainer.fit(model)` "
+                    "without `ckpt_path`."
+                )
 
 
 def step_key(trainer: Any, optimizer: Any) -> Hashable:

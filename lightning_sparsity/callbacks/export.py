@@ -13,57 +13,41 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from lightning_sparsity.callbacks._common import refuse_sharded_strategy
 from lightning_sparsity.callbacks._order import OrderedCallback
+from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.checkpoint import PrunedCheckpointMixin, pruned_checkpoint
-from lightning_sparsity.pruning.deploy import (
-    as_args,
-    assert_outputs_close,
-    missing_onnx_packages,
-    run_outputs,
-    save_onnx,
-    save_pt2,
-)
-from lightning_sparsity.pruning.serialization import (
-    atomic_write,
-    load_pruned,
-    read_checkpoint,
-    save_pruned,
-)
+from lightning_sparsity.pruning.deploy import as_args, missing_onnx_packages, run_outputs
+from lightning_sparsity.pruning.serialization import atomic_write, load_pruned, read_checkpoint
 from lightning_sparsity.pruning.widths import describe_inputs
+from lightning_sparsity.pruning.writers import (
+    FORMATS,
+    Format,
+    check_formats,
+    check_outputs,
+    write_network,
+)
+from lightning_sparsity.selection import select_layers
+from lightning_sparsity.validation import check_bool, check_float, fail
 
-#: format -> file suffix. "ckpt": Lightning checkpoint of the whole pruned LightningModule;
-#: "pt": `save_pruned` file of the pruned network; "pt2": torch.export program; "onnx": ONNX.
-FORMATS: dict[str, str] = {"ckpt": ".ckpt", "pt": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 _OWNER = "PrunedExport"
 
 
 class PrunedExport(OrderedCallback):
     """At the end of training, remove every dead channel and write the smaller model.
 
-    On global rank zero (the other ranks wait, then all go on together): takes a CPU copy of the
-    network, prunes it with :func:`~lightning_sparsity.prune_model` (which verifies that its
-    outputs equal the trained network's on the example inputs), writes the chosen ``formats`` to
-    ``dirpath/filename.<suffix>`` atomically (temporary file, checked, then renamed: never a
-    half-written or unchecked file), and logs the size report. The trained LightningModule is not
-    changed.
+    On global rank zero (the other ranks wait): prunes a CPU copy of the network with
+    :func:`~lightning_sparsity.prune_model` (outputs checked against the trained network), writes
+    each format to ``dirpath/filename.<suffix>`` atomically (a checked temporary file, then
+    renamed) and logs the size report. The trained LightningModule is not changed. At the first
+    batch it already checks that the network can be analysed and has something to prune.
 
-    Formats:
-
-    - ``"ckpt"``: a Lightning checkpoint of the whole pruned LightningModule (``state_dict``,
-      plain ``hyper_parameters``, ``pytorch-lightning_version``, ``pruned_widths``; no optimizer
-      state), opened by ``torch.load(weights_only=True)``. Load it with
-      ``MyModule.load_from_checkpoint(path)`` when ``MyModule`` mixes in
-      :class:`~lightning_sparsity.PrunedCheckpointMixin`, or ``load_pruned(path, MyModule(...))``;
-      fine-tune with ``trainer.fit(loaded)`` (a fresh optimizer: the moments of the trained,
-      wider model do not fit).
-    - ``"pt"``: :func:`~lightning_sparsity.save_pruned` of the pruned network:
-      ``load_pruned(path, build_the_network())``.
-    - ``"pt2"``: a ``torch.export`` program, ``torch.export.load(path).module()``, no model code.
-    - ``"onnx"``: ONNX (checked in ONNX Runtime), no model code.
-
-    Batch size is dynamic in ``pt2`` and ``onnx`` where the network allows it.
+    Formats: ``"ckpt"``, a Lightning checkpoint of the pruned LightningModule that
+    ``torch.load(weights_only=True)`` opens (``MyModule.load_from_checkpoint(path)`` with
+    :class:`~lightning_sparsity.PrunedCheckpointMixin`, else ``load_pruned(path, MyModule())``);
+    ``"pt"``, :func:`~lightning_sparsity.save_pruned`; ``"pt2"``, a ``torch.export`` program;
+    ``"onnx"``, checked in ONNX Runtime. The batch size is dynamic in ``pt2`` and ``onnx``.
 
     Args:
         dirpath: output directory; default ``<trainer.log_dir>/pruned`` (``default_root_dir``
@@ -71,20 +55,17 @@ class PrunedExport(OrderedCallback):
         filename: file name without suffix.
         formats: a non-empty subset of ``("ckpt", "pt", "pt2", "onnx")``; the default needs no
             extra package (``"onnx"`` needs ``pip install "lightning-sparsity[export]"``).
-        example_inputs: a tensor or tuple of tensors the network takes (a couple of samples).
-            Default: ``pl_module.example_input_array``, else the first two samples of the first
-            training batch (its first element when the batch is a tuple or list).
-        submodule: the network to prune, a qualified name inside the LightningModule (``""``:
-            the LightningModule itself). Default: ``pl_module.model`` when it is an ``nn.Module``
-            (as for the other callbacks), else the LightningModule itself.
+        example_inputs: a tensor or tuple of tensors the network takes (a couple of samples);
+            default ``pl_module.example_input_array``, else two samples of the first batch.
+        submodule: the network to prune inside the LightningModule (``""``: the module itself);
+            default ``pl_module.model`` when it is an ``nn.Module``, else the module itself.
         verify: check the pruned network against the trained one and every written file against
             the pruned network (ONNX Runtime for ``onnx``).
         rtol: relative tolerance of the checks.
         atol: absolute tolerance of the checks.
         dynamic_batch: export the batch dimension as dynamic (``pt2``, ``onnx``).
-        allow_unchanged: when no channel can be removed, export the unchanged network with a
-            warning instead of raising (``prune_model``'s ValueError, which says why each dead
-            channel had to stay).
+        allow_unchanged: when no channel can be removed, export the unchanged network instead
+            of raising (``prune_model``'s ValueError says why each dead channel stays).
 
     Raises:
         ValueError: an unknown or repeated format (the valid ones are listed), no format, a bad
@@ -92,21 +73,14 @@ class PrunedExport(OrderedCallback):
         TypeError: arguments of the wrong type.
         ModuleNotFoundError: at ``setup``, ``"onnx"`` requested but ``onnx``/``onnxscript`` (or
             ``onnxruntime`` with ``verify``) not installed.
-        RuntimeError: at the end of training, no example inputs, or a failed check.
-        ValueError: at the end of training, nothing to prune (unless ``allow_unchanged``), or an
-            op the pruning cannot follow (see :func:`~lightning_sparsity.prune_model`). Errors at
-            the end are raised on every rank (a RuntimeError on the others), so no rank hangs.
+        TraceError: at the first batch, a network the analysis cannot capture.
+        RuntimeError: no example inputs, or a failed check (on every rank: no rank hangs).
+        ValueError: nothing to prune (unless ``allow_unchanged``).
 
     Hooks used:
-
-    - ``setup``: checks the format dependencies and the network (warns when ``"ckpt"`` is
-      requested but the module lacks ``PrunedCheckpointMixin``).
-    - ``on_train_batch_start``: keeps two samples of the first batch when no example is given.
-    - ``on_train_end``: prunes a copy, writes the files, logs the report (``export/...``
-      metrics through ``trainer.loggers``, and the report as text on TensorBoard). It runs
-      before the Trainer's teardown, so the loggers and the process group are still up, and
-      after the other sparsity callbacks' own ``on_train_end`` work (the splitting method's
-      ``W = U``, the masks re-applied), wherever it sits in the callback list.
+        ``setup`` (format dependencies, the network), ``on_train_batch_start`` (two samples of
+        the first batch as the example; the analysis check), ``on_train_end`` (prune a copy,
+        write, log ``export/...`` metrics and the report; after the other sparsity callbacks).
 
     After fit: ``self.paths`` (format -> written path) and ``self.report`` (the
     :class:`~lightning_sparsity.PruneReport`).
@@ -116,11 +90,11 @@ class PrunedExport(OrderedCallback):
         >>> export = PrunedExport(dirpath="exported", formats=("ckpt", "pt2"))
         >>> export.formats
         ('ckpt', 'pt2')
-        >>> PrunedExport(formats=("tflite",))
+        >>> PrunedExport(formats=("tflite",))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `PrunedExport(formats=('tflite',))`: expected formats among ['ckpt', 'pt', 'pt2', 'onnx'], got 'tflite'.
-    """  # noqa: E501
+        ValueError: `PrunedExport(formats=('tflite',))`: expected formats among [...], got 'tflite'.
+    """
 
     #: last: after every other sparsity callback has finished the weights
     RANKS: ClassVar[dict[str, int]] = {"train_end": 90}
@@ -129,7 +103,7 @@ class PrunedExport(OrderedCallback):
         self,
         dirpath: str | os.PathLike[str] | None = None,
         filename: str = "pruned",
-        formats: Sequence[str] = ("ckpt", "pt2"),
+        formats: Sequence[Format] = ("ckpt", "pt2"),
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         submodule: str | None = None,
         verify: bool = True,
@@ -140,7 +114,7 @@ class PrunedExport(OrderedCallback):
     ) -> None:
         self.dirpath = dirpath
         self.filename = filename
-        self.formats = tuple(formats) if isinstance(formats, (list, tuple)) else formats
+        self.formats = check_formats(formats, owner=_OWNER)
         self.example_inputs = example_inputs
         self.submodule = submodule
         self.verify = verify
@@ -151,60 +125,61 @@ class PrunedExport(OrderedCallback):
         self._validate()
         super().__init__()
         self._captured: tuple[torch.Tensor, ...] | None = None
+        self._checked = False
         self.paths: dict[str, Path] = {}
         self.report: Any = None
 
     def _validate(self) -> None:
-        def where(arg: str, value: Any) -> str:
-            return f"`{_OWNER}({arg}={value!r})`"
-
-        if self.dirpath is not None and not isinstance(self.dirpath, (str, os.PathLike)):
-            raise TypeError(f"{where('dirpath', self.dirpath)}: expected a path or None")
+        if self.dirpath is not None and not isinstance(self.dirpath, str | os.PathLike):
+            fail(
+                _OWNER,
+                "dirpath",
+                self.dirpath,
+                "a path or None",
+                got=type(self.dirpath).__name__,
+                error=TypeError,
+            )
         if not isinstance(self.filename, str):
-            raise TypeError(f"{where('filename', self.filename)}: expected a str")
+            fail(
+                _OWNER,
+                "filename",
+                self.filename,
+                "a str",
+                got=type(self.filename).__name__,
+                error=TypeError,
+            )
         if not self.filename or os.sep in self.filename or "/" in self.filename:
-            raise ValueError(
-                f"{where('filename', self.filename)}: expected a non-empty file name without "
-                f"directories, got {self.filename!r}. HINT: put the directory in `dirpath`"
+            fail(
+                _OWNER,
+                "filename",
+                self.filename,
+                "a non-empty file name without directories",
+                hint="put the directory in `dirpath`.",
             )
-        if isinstance(self.formats, str) or not isinstance(self.formats, tuple):
-            raise TypeError(
-                f"{where('formats', self.formats)}: expected a tuple or list of format names, got "
-                f"{type(self.formats).__name__}. HINT: `formats=({self.formats!r},)`"
-            )
-        if not self.formats:
-            raise ValueError(
-                f"{where('formats', self.formats)}: expected at least one of {list(FORMATS)}, got "
-                "none. HINT: remove the callback to export nothing"
-            )
-        for fmt in self.formats:
-            if fmt not in FORMATS:
-                raise ValueError(
-                    f"{where('formats', self.formats)}: expected formats among {list(FORMATS)}, "
-                    f"got {fmt!r}."
-                )
-        if len(set(self.formats)) != len(self.formats):
-            raise ValueError(f"{where('formats', self.formats)}: expected each format once")
         if self.example_inputs is not None:
             as_args(self.example_inputs, _OWNER)
         if self.submodule is not None and not isinstance(self.submodule, str):
-            raise TypeError(f"{where('submodule', self.submodule)}: expected a str or None")
+            fail(
+                _OWNER,
+                "submodule",
+                self.submodule,
+                "a str or None",
+                got=type(self.submodule).__name__,
+                error=TypeError,
+            )
         for arg in ("verify", "dynamic_batch", "allow_unchanged"):
-            if not isinstance(getattr(self, arg), bool):
-                raise TypeError(f"{where(arg, getattr(self, arg))}: expected a bool")
+            check_bool(getattr(self, arg), owner=_OWNER, arg=arg)
         for arg in ("rtol", "atol"):
-            value = getattr(self, arg)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{where(arg, value)}: expected a float")
-            if not value >= 0:
-                raise ValueError(f"{where(arg, value)}: expected `{arg}` >= 0, got {value!r}.")
+            check_float(getattr(self, arg), owner=_OWNER, arg=arg, low=0.0)
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         refuse_sharded_strategy(trainer, owner=_OWNER)
         self._reset_order()
+        self._checked = False
         if "onnx" in self.formats:
             missing = missing_onnx_packages(verify=self.verify)
             if missing:
@@ -222,9 +197,34 @@ class PrunedExport(OrderedCallback):
                 f"`class {type(pl_module).__name__}(PrunedCheckpointMixin, ...)`"
             )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._capture(pl_module, batch)
+        if not self._checked:
+            self._checked = True
+            self._check_prunable(pl_module)
+
+    def _check_prunable(self, pl_module: pl.LightningModule) -> None:
+        """At the first batch, fail now rather than after training when the network cannot be
+        analysed, or has no Conv/Linear layer but the output layer (nothing could be pruned)."""
+        from lightning_sparsity.pruning.export import plan_pruning
+
+        network = pl_module.get_submodule(self._network_name(pl_module))
+        plan_pruning(network, self._example(pl_module))  # raises TraceError when untraceable
+        if not self.allow_unchanged and all(layer.is_output for layer in select_layers(network)):
+            fail(
+                _OWNER,
+                "allow_unchanged",
+                False,
+                "a network with at least one Conv/Linear layer whose output channels the "
+                "export can remove (the output layer's are the model's outputs)",
+                got="none",
+                hint="pass `allow_unchanged=True` to export the network unchanged.",
+            )
+
+    def _capture(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._captured is not None or self.example_inputs is not None:
             return
         if getattr(pl_module, "example_input_array", None) is not None:
@@ -263,11 +263,13 @@ class PrunedExport(OrderedCallback):
             formats=tuple(self.formats),
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # the example captured from the first batch (two samples, CPU), so that a run resumed
         # after its last batch (a crash during the export) can still export
         return {"captured": None if self._captured is None else list(self._captured)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         captured = state_dict.get("captured")
         if captured is not None and self._captured is None:
@@ -334,7 +336,6 @@ class PrunedExport(OrderedCallback):
         )
         pruned = pruned.cpu().eval()
         report = size_report(network, pruned, example)
-        expected = run_outputs(pruned, example)
         metadata = {"report": report.to_dict(), "network": name}
         paths: dict[str, Path] = {}
         for fmt in self.formats:
@@ -352,34 +353,21 @@ class PrunedExport(OrderedCallback):
                 paths[fmt] = self._write_ckpt(
                     trainer, pl_module, module, name, example, path, metadata
                 )
-            elif fmt == "pt":
-                paths[fmt] = save_pruned(pruned, path, metadata=metadata, example_inputs=example)
-                if self.verify:
-                    loaded = load_pruned(path, copy.deepcopy(network))
-                    self._check(expected, run_outputs(loaded.eval(), example), path)
-            elif fmt == "pt2":
-                paths[fmt] = save_pt2(pruned, example, path, **self._export_kwargs())
             else:
-                paths[fmt] = save_onnx(pruned, example, path, **self._export_kwargs())
+                paths[fmt] = write_network(
+                    fmt,
+                    pruned,
+                    network,
+                    example,
+                    path,
+                    metadata=metadata,
+                    verify=self.verify,
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    dynamic_batch=self.dynamic_batch,
+                )
         self._log(trainer, report, paths)
         return paths, report
-
-    def _export_kwargs(self) -> dict[str, Any]:
-        return {
-            "dynamic_batch": self.dynamic_batch,
-            "verify": self.verify,
-            "rtol": self.rtol,
-            "atol": self.atol,
-        }
-
-    def _check(self, expected: list[torch.Tensor], got: list[torch.Tensor], path: Path) -> None:
-        assert_outputs_close(
-            expected,
-            got,
-            what=f"`{_OWNER}` reloading {str(path)!r}",
-            rtol=self.rtol,
-            atol=self.atol,
-        )
 
     def _write_ckpt(
         self,
@@ -406,7 +394,10 @@ class PrunedExport(OrderedCallback):
             if self.verify:  # reload into a full-width copy of the trained module
                 fresh = copy.deepcopy(pl_module).cpu()
                 load_pruned(tmp, fresh)
-                self._check(expected, run_outputs(fresh.get_submodule(name).eval(), example), path)
+                reloaded = fresh.get_submodule(name).eval()
+                check_outputs(
+                    expected, reloaded, example, path, rtol=self.rtol, atol=self.atol, owner=_OWNER
+                )
 
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), check)
 

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_sparsity.callbacks._common import refuse_sharded_strategy, resolve_network
-from lightning_sparsity.callbacks._masks import FilterGroup, build_groups, zero_filters
 from lightning_sparsity.callbacks._order import OrderedCallback, exported_view
-from lightning_sparsity.functional.scores import NORMS, filter_norms
-from lightning_sparsity.pruning.export import prune_model
-from lightning_sparsity.pruning.report import count_macs, count_params
-from lightning_sparsity.selection import LayerSpec, select_layers
+from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
+from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filter_norms
+from lightning_sparsity.pruning.report import pruned_size
+from lightning_sparsity.selection import LayerSpec, resolve_network, select_layers
+from lightning_sparsity.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_log_every,
+    fail,
+)
+
+_OWNER = "SparsityMonitor"
 
 
 def _log_step(trainer: pl.Trainer) -> int:
@@ -48,22 +54,19 @@ class SparsityMonitor(OrderedCallback):
     * ``sparsity/<layer>/filters``: live filters of the layer;
     * ``sparsity/<layer>/density``: share of the layer's weights whose magnitude is > ``tolerance``;
     * ``sparsity/filters``: live filters of all monitored layers;
-    * ``sparsity/params`` and ``sparsity/macs``: parameters (all of them, BatchNorm included) and
-      multiply-accumulates (per sample) of the model :func:`~lightning_sparsity.prune_model` would
-      export once the dead filters are removed: ``prune_model`` on a copy whose dead filters (with
-      their bias and BatchNorm scale/shift) are zeroed, counted as
-      :func:`~lightning_sparsity.size_report` counts (``torch.utils.flop_counter``).
+    * ``sparsity/params`` and ``sparsity/macs``: parameters and MACs per sample of the model the
+      export would write now (:func:`~lightning_sparsity.pruning.report.pruned_size`).
 
-    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, from global rank
-    zero, a custom-scalars layout (tab "CUSTOM SCALARS": one chart with every layer's filter
-    count, one with the densities, one each for params and MACs) and, per epoch, a histogram
+    With a TensorBoard logger it also writes (rank zero) a custom-scalars layout (one chart with
+    every layer's filter count, one with the densities, params, MACs) and per-epoch histograms
     ``sparsity/<layer>/filter_norms``. Wherever it sits in the callback list, an epoch's counts
-    include that epoch's thresholding round, and they count the weights that will be exported
-    (the sparse copy ``U`` under :class:`VariableSplitting`).
+    include that epoch's thresholding round and count what will be exported (``U`` under
+    :class:`~lightning_sparsity.VariableSplitting`). A first point is logged at step 0.
 
     Args:
         tolerance: a filter is live when its norm is > ``tolerance`` (>= 0).
-        log_every_n_steps: also log every this many optimizer steps (``None``: epoch ends only).
+        log_every_n_steps: also log every ``n`` optimizer steps; ``0`` (default): epoch ends
+            only; ``None``: on the steps the Trainer logs (``Trainer(log_every_n_steps=...)``).
         histograms: write the filter-norm histograms (TensorBoard only).
         layers: which layers (see :func:`~lightning_sparsity.select_layers`), names relative to
             ``pl_module.model`` when the LightningModule has one; output layers are skipped.
@@ -72,7 +75,7 @@ class SparsityMonitor(OrderedCallback):
         norm: the filter norm compared with ``tolerance``: ``"l2"``, ``"l1"`` or ``"mean_abs"``.
 
     Raises:
-        ValueError: a negative ``tolerance``, ``log_every_n_steps`` < 1, an unknown ``norm`` or
+        ValueError: a negative ``tolerance`` or ``log_every_n_steps``, an unknown ``norm`` or
             layer name.
         RuntimeError: a Trainer without a logger; a batch whose input cannot be found (pass
             ``example_inputs``); NaN/inf weights in a monitored layer (named).
@@ -96,11 +99,11 @@ class SparsityMonitor(OrderedCallback):
     def __init__(
         self,
         tolerance: float = 0.0,
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: int | None = 0,
         histograms: bool = True,
         layers: LayerSpec = None,
         example_inputs: Tensor | tuple[Tensor, ...] | None = None,
-        norm: str = "l2",
+        norm: FilterNorm = "l2",
     ) -> None:
         self.tolerance = tolerance
         self.log_every_n_steps = log_every_n_steps
@@ -117,61 +120,47 @@ class SparsityMonitor(OrderedCallback):
         self._initial_due = False
 
     def _validate(self) -> None:
-        t = self.tolerance
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"`SparsityMonitor(tolerance={t!r})`: expected a float.")
-        if not t >= 0:
-            raise ValueError(
-                f"`SparsityMonitor(tolerance={t!r})`: expected `tolerance` >= 0, got {t!r}."
-            )
-        n = self.log_every_n_steps
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(
-                f"`SparsityMonitor(log_every_n_steps={n!r})`: expected an int >= 1 or None, "
-                f"got {n!r}."
-            )
-        if self.norm not in NORMS:
-            raise ValueError(
-                f"`SparsityMonitor(norm={self.norm!r})`: expected `norm` in {list(NORMS)}, "
-                f"got {self.norm!r}."
-            )
+        check_float(self.tolerance, owner=_OWNER, arg="tolerance", low=0.0)
+        check_log_every(self.log_every_n_steps, owner=_OWNER)
+        check_bool(self.histograms, owner=_OWNER, arg="histograms")
+        check_choice(self.norm, FILTER_NORMS, owner=_OWNER, arg="norm")
         ex = self.example_inputs
         if ex is not None and not (
             isinstance(ex, Tensor)
             or (isinstance(ex, tuple) and all(isinstance(e, Tensor) for e in ex))
         ):
-            raise TypeError(
-                "`SparsityMonitor(example_inputs=...)`: expected a tensor or a tuple of tensors, "
-                f"got {type(ex).__name__}."
+            fail(
+                _OWNER,
+                "example_inputs",
+                ex,
+                "a tensor or a tuple of tensors",
+                got=type(ex).__name__,
+                error=TypeError,
             )
 
     # ------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return  # the monitor only acts while training
         if not trainer.loggers:
             raise RuntimeError(
-                "`SparsityMonitor`: the Trainer has no logger (`logger=False`), so there is "
+                f"`{_OWNER}`: the Trainer has no logger (`logger=False`), so there is "
                 "nowhere to log the sparsity curves. HINT: `Trainer(logger=TensorBoardLogger("
                 "'runs'))`, or remove the callback."
             )
-        refuse_sharded_strategy(trainer, owner="SparsityMonitor")
+        refuse_sharded_strategy(trainer, owner=_OWNER)
         self._reset_order()
         network = resolve_network(pl_module)
-        selected = select_layers(network, self.layers, owner="SparsityMonitor")
+        selected = select_layers(network, self.layers, owner=_OWNER)
         self._names = [layer.name for layer in selected if not layer.is_output]
-        groups = build_groups(network, self._names, owner="SparsityMonitor")
-        self._bns = {name: self._bn_name(network, g) for name, g in groups.items() if g.bn}
         if self.example_inputs is not None:
             self._example = self.example_inputs
-
-    @staticmethod
-    def _bn_name(network: nn.Module, group: FilterGroup) -> str:
-        return next(name for name, m in network.named_modules() if m is group.bn)
 
     def _tensorboards(self, trainer: pl.Trainer) -> list[TensorBoardLogger]:
         return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         if not trainer.is_global_zero or not self._names:
@@ -211,7 +200,7 @@ class SparsityMonitor(OrderedCallback):
         bad = [name for name in self._names if not bool(torch.isfinite(norms[name]).all())]
         if bad:
             raise RuntimeError(
-                f"`SparsityMonitor`: the weights of layer(s) {bad} are NaN or inf, so their "
+                f"`{_OWNER}`: the weights of layer(s) {bad} are NaN or inf, so their "
                 "filters can be counted neither live nor dead. HINT: lower the learning rate or "
                 "the regularisation strength, or clip gradients (`Trainer(gradient_clip_val=...)`)."
             )
@@ -226,7 +215,9 @@ class SparsityMonitor(OrderedCallback):
             total += live
         metrics["sparsity/filters"] = float(total)
         if self._example is not None:
-            params, macs = self._pruned_size(network, norms)
+            dead = {name: (n <= self.tolerance).nonzero().flatten() for name, n in norms.items()}
+            device = next((p.device for p in network.parameters()), torch.device("cpu"))
+            params, macs = pruned_size(network, dead, self._example_on(device))
             metrics["sparsity/params"] = float(params)
             metrics["sparsity/macs"] = float(macs)
         return metrics, norms
@@ -236,27 +227,8 @@ class SparsityMonitor(OrderedCallback):
         args = example if isinstance(example, tuple) else (example,)
         return tuple(a.to(device) for a in args if a is not None)
 
-    @torch.no_grad()
-    def _pruned_size(self, network: nn.Module, norms: Mapping[str, Tensor]) -> tuple[int, int]:
-        # a copy whose dead filters emit exactly 0, pruned by the library's own export
-        pl_trainer = getattr(network, "_trainer", None)
-        memo = {id(pl_trainer): pl_trainer} if pl_trainer is not None else {}
-        clone = copy.deepcopy(network, memo).eval()
-        modules = dict(clone.named_modules())
-        any_dead = False
-        for name in self._names:
-            dead = (norms[name] <= self.tolerance).nonzero().flatten()
-            if dead.numel():
-                any_dead = True
-                bn = modules[self._bns[name]] if name in self._bns else None
-                zero_filters(FilterGroup(name, modules[name], bn), dead)
-        device = next((p.device for p in clone.parameters()), torch.device("cpu"))
-        args = self._example_on(device)
-        # nothing dead: the model is its own pruned version (prune_model refuses a no-op)
-        pruned = prune_model(clone, args, verify=False, allow_unchanged=True) if any_dead else clone
-        return count_params(pruned), count_macs(pruned, args)[0]
-
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -273,7 +245,7 @@ class SparsityMonitor(OrderedCallback):
         inputs = _first_tensor(batch)
         if inputs is None:
             raise RuntimeError(
-                f"`SparsityMonitor`: cannot find the model input in a training batch of type "
+                f"`{_OWNER}`: cannot find the model input in a training batch of type "
                 f"{type(batch).__name__}. HINT: pass `example_inputs=` (one sample)."
             )
         self._example = inputs[:1].detach().clone()
@@ -282,8 +254,10 @@ class SparsityMonitor(OrderedCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
         n = self.log_every_n_steps
+        if n is None:  # the Trainer's cadence
+            n = getattr(trainer, "log_every_n_steps", 0)
         step = trainer.global_step
-        if n is None or step == self._last_global_step:
+        if not n or step == self._last_global_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_global_step = step
         if step % n or batch_idx + 1 >= trainer.num_training_batches:

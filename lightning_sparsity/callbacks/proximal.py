@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import warnings
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -10,249 +11,151 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_sparsity.callbacks._amp import unscaled_found_inf
-from lightning_sparsity.callbacks._common import (
-    Strength,
-    Target,
-    Workspace,
-    check_log_every,
-    check_strength,
-    describe,
-    log_due,
-    no_targets_message,
-    raise_if_nonfinite,
-    refuse_sharded_strategy,
-    select_targets,
-    strength_at,
+from lightning_sparsity.callbacks._runtime import log_due, raise_if_nonfinite
+from lightning_sparsity.callbacks._targeted import TargetedCallback
+from lightning_sparsity.functional.groups import num_groups
+from lightning_sparsity.functional.optim import SUPPORTED_OPTIMIZERS, step_denominator
+from lightning_sparsity.functional.proximal import (
+    PROXIMAL_PENALTIES,
+    ProximalPenalty,
+    proximal_step_,
 )
-from lightning_sparsity.callbacks._order import OrderedCallback
-from lightning_sparsity.functional.groups import check_granularity, group_norms, reduce_dims
-from lightning_sparsity.functional.proximal import group_soft_threshold
-from lightning_sparsity.selection import LayerSpec
+from lightning_sparsity.selection import LayerSpec, Target
+from lightning_sparsity.validation import Strength, check_choice, describe, fail
 
-_OWNER = "ProximalSparsity"
-NORMS: tuple[str, ...] = ("l0", "l1")
+#: ``"auto"``: the optimizer's per-coordinate step; ``"lr"``: the plain learning rate.
+Metric = Literal["auto", "lr"]
 METRICS: tuple[str, ...] = ("auto", "lr")
-#: Optimizers whose per-coordinate step ``metric="auto"`` reads (subclasses included).
-SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD,
-    torch.optim.RMSprop,
-    torch.optim.Adam,  # and AdamW, a subclass
-    torch.optim.Adagrad,
-)
+#: Deprecated alias of :data:`~lightning_sparsity.functional.proximal.PROXIMAL_PENALTIES`.
+NORMS = PROXIMAL_PENALTIES
+_UNSET: Any = object()
 
 
-def step_denominator(
-    optimizer: torch.optim.Optimizer,
-    group: dict[str, Any],
-    state: dict[str, Any],
-    out: Tensor | None = None,
-) -> Tensor | None:
-    """``d`` with per-coordinate step ``eta = lr / d`` of the step the optimizer just took
-    (``None``: the plain ``lr``), read from its state after the step:
-
-    * SGD (any momentum): ``None``.
-    * RMSprop: ``sqrt(square_avg) + eps``; centered: ``sqrt(square_avg - grad_avg^2) + eps``.
-    * Adam / AdamW: ``(1 - beta1^t) * (sqrt(v / (1 - beta2^t)) + eps)`` with ``v = exp_avg_sq``
-      (``max_exp_avg_sq`` with amsgrad) and ``t`` the step count: Adam moved the weights by
-      ``-lr * m / d`` with ``m = exp_avg``, i.e. the bias-corrected update
-      ``lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - beta1^t)``; both corrections
-      are in ``d``, so ``lr / d`` is exactly the step Adam took per unit of its gradient estimate
-      (10x larger than without the first correction at ``t = 1``, 1.5x at ``t = 10``).
-    * Adagrad: ``(sqrt(sum) + eps) * (1 + (t - 1) * lr_decay)``.
-
-    ``out``: a tensor shaped like the parameter to write ``d`` into (else a new one).
-
-    Raises:
-        RuntimeError: the state the optimizer should hold after a step is missing.
-    """
-
-    def need(key: str) -> Tensor:
-        if key not in state:
-            raise RuntimeError(
-                f"`{_OWNER}`: `{type(optimizer).__name__}` holds no {key!r} state for a parameter "
-                "it has just stepped, so its per-coordinate step size is unknown. HINT: use "
-                "`ProximalSparsity(metric='lr')` to take the plain learning rate as the step."
-            )
-        return state[key]
-
-    if isinstance(optimizer, torch.optim.RMSprop):
-        if group.get("centered", False):
-            ga = need("grad_avg")
-            d = torch.addcmul(need("square_avg"), ga, ga, value=-1, out=out)
-            return d.sqrt_().add_(group["eps"])
-        return torch.sqrt(need("square_avg"), out=out).add_(group["eps"])
-    if isinstance(optimizer, torch.optim.Adam):
-        v = need("max_exp_avg_sq") if group.get("amsgrad", False) else need("exp_avg_sq")
-        beta1, beta2 = group["betas"]
-        t = float(need("step"))
-        d = torch.div(v, 1 - beta2**t, out=out).sqrt_().add_(group["eps"])
-        return d.mul_(1 - beta1**t)
-    if isinstance(optimizer, torch.optim.Adagrad):
-        decay = 1 + (float(need("step")) - 1) * group["lr_decay"]
-        return torch.sqrt(need("sum"), out=out).add_(group["eps"]).mul_(decay)
-    return None
-
-
-class ProximalSparsity(OrderedCallback):
+class ProximalSparsity(TargetedCallback):
     """After every optimizer step, apply the proximal map of ``strength * R`` in the metric of the
     step just taken (the ICCAIRO 2019 proximal RMSProp; L0 there beats L1).
 
-    With ``z`` the weights after the step and ``eta`` the per-coordinate step size
-    (:func:`step_denominator`: ``lr / (sqrt(v) + eps)`` from RMSprop's ``square_avg`` or Adam's
-    bias-corrected ``exp_avg_sq``, the plain ``lr`` for SGD), the maps are
-
-    ============ ================ =====================================================
-    ``norm``     ``granularity``  map
-    ============ ================ =====================================================
-    ``"l1"``     ``"weight"``     soft: ``sign(z) * max(|z| - eta * lambda, 0)``
-    ``"l0"``     ``"weight"``     hard: ``z * 1[z^2 / (2 eta) > lambda]``
-    ``"l1"``     a group          group soft, exact in the metric (see
-                                  :func:`~lightning_sparsity.functional.proximal.group_soft_threshold`)
-    ``"l0"``     a group          group hard: ``z_g * 1[sum_i z_i^2 / (2 eta_i) > lambda]``
-    ============ ================ =====================================================
-
-    (the hard maps are evaluated as ``sum_i z_i^2 d_i > 2 lr lambda`` with ``eta_i = lr / d_i``: the
-    same rule as :func:`~lightning_sparsity.functional.proximal.group_hard_threshold` with
-    ``t = sqrt(2 eta lambda)``, in fewer passes over the weights)
-
-    so the groups it zeroes are *exactly* zero after every step. Under ``"16-mixed"`` a step that
-    GradScaler skips (dynamic loss scaling overflows on purpose now and then) gets no map either,
-    also before the optimizer holds any state. With gradient accumulation the map
-    runs only after batches where the optimizer stepped, with the learning rate that step used
-    (read in ``on_before_optimizer_step``, before a per-step LR scheduler moves it). Weights whose
-    gradient was ``None`` (not stepped) are left alone. Biases are not touched. One weight-sized
-    scratch tensor per layer is kept during fit (no temporaries are allocated per step).
+    With ``z`` the weights after the step and ``eta = lr / d`` the per-coordinate step size
+    (:func:`~lightning_sparsity.functional.optim.step_denominator`: RMSprop's ``square_avg``,
+    Adam's bias-corrected moments, Adagrad's sum; the plain ``lr`` for SGD or ``metric="lr"``),
+    :func:`~lightning_sparsity.functional.proximal.proximal_step_` zeroes, for ``"l0"``, each group
+    with ``sum_i z_i^2 / (2 eta_i) <= lambda`` (hard threshold) and, for ``"l1"``, applies the
+    exact group soft threshold in that metric. The groups it zeroes are *exactly* zero after every
+    step. It runs only after batches where the optimizer stepped (gradient accumulation), with the
+    learning rate that step used, and not after steps GradScaler skipped (``"16-mixed"``). Weights
+    whose gradient was ``None`` are left alone; biases are not touched.
 
     Args:
         strength: ``lambda`` (>= 0) or a schedule ``epoch -> float``.
-        norm: ``"l0"`` (hard thresholds) or ``"l1"`` (soft thresholds).
+        penalty: ``"l0"`` (hard thresholds) or ``"l1"`` (soft thresholds).
         granularity: ``"filter"``, ``"channel"``, ``"kernel"`` or ``"weight"``; at ``"filter"`` the
             output layer is skipped.
         layers: which layers (see :func:`~lightning_sparsity.select_layers`).
-        metric: ``"auto"`` reads the optimizer's per-coordinate step (SGD, RMSprop, Adam, AdamW,
-            Adagrad); ``"lr"`` uses the plain learning rate with any optimizer.
-        log_key: metric logged after each map: the fraction of the selected groups that are
-            non-zero.
+        metric: ``"auto"`` reads the optimizer's step (SGD, RMSprop, Adam, AdamW, Adagrad);
+            ``"lr"`` uses the plain learning rate with any optimizer.
+        log_key: the fraction of the selected groups that are non-zero, logged after the map.
         check_finite: raise naming the layer when the stepped weights hold NaN or inf.
-        log_every_n_steps: log on the optimizer steps the Trainer writes (``None``: its
-            ``log_every_n_steps``), 0 never.
+        log_every_n_steps: ``None`` logs on the steps the Trainer logs, ``n`` every n optimizer
+            steps, 0 never.
+        norm: deprecated name of ``penalty``.
 
     Raises:
-        ValueError: unknown ``norm``, ``granularity`` or ``metric``; negative or NaN strength;
-            ``"kernel"`` on a Linear layer; unknown layer names.
-        TypeError: an optimizer whose step size ``metric="auto"`` cannot read (the supported ones
-            are listed); arguments of the wrong type.
+        ValueError: unknown ``penalty``, ``granularity``, ``metric`` or layer; negative or NaN
+            strength; ``"kernel"`` on a Linear layer.
+        TypeError: an optimizer whose step ``metric="auto"`` cannot read; wrong argument types.
         RuntimeError: missing optimizer state after a step; NaN/inf weights.
 
     Example::
 
         >>> from lightning_sparsity import ProximalSparsity
-        >>> prox = ProximalSparsity(strength=1e-4, norm="l0", granularity="filter")
-        >>> # with configure_optimizers returning torch.optim.RMSprop(...)
+        >>> prox = ProximalSparsity(strength=1e-4, penalty="l0", granularity="filter")
+        >>> prox.penalty, prox.metric
+        ('l0', 'auto')
 
     Hooks used:
         ``setup`` (select layers), ``on_train_start`` (check the optimizers),
-        ``on_train_epoch_start`` (evaluate the strength), ``on_before_optimizer_step`` (note which
-        weights step and their learning rate), ``on_train_batch_end`` (apply the map, log).
+        ``on_train_epoch_start`` (the strength), ``on_before_optimizer_step`` (note which weights
+        step and their learning rate), ``on_train_batch_end`` (apply the map, log).
     """
 
+    OWNER = "ProximalSparsity"
     #: after the penalties are added and before the masks; the map before the masks re-apply
     RANKS: ClassVar[dict[str, int]] = {"before_step": 30, "batch_end": 30}
 
     def __init__(
         self,
         strength: Strength,
-        norm: str = "l0",
+        penalty: ProximalPenalty = "l0",
         granularity: str = "filter",
         layers: LayerSpec = None,
         *,
-        metric: str = "auto",
+        metric: Metric = "auto",
         log_key: str = "sparsity/proximal/nonzero_fraction",
         check_finite: bool = True,
         log_every_n_steps: int | None = None,
+        norm: ProximalPenalty = _UNSET,
     ) -> None:
-        self.strength = strength
-        self.norm = norm
-        self.granularity = granularity
-        self.layers = layers
-        self.metric = metric
+        super().__init__(strength, granularity, layers, log_every_n_steps, check_finite)
+        if norm is not _UNSET:
+            warnings.warn(
+                "`ProximalSparsity(norm=...)` is deprecated: the argument is now `penalty=` "
+                "(`norm` names a filter norm elsewhere in the library).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            penalty = norm
+        hint = "the L1 of groups is `penalty='l1'`." if penalty == "group_lasso" else ""
+        self.penalty = check_choice(
+            penalty, PROXIMAL_PENALTIES, owner=self.OWNER, arg="penalty", hint=hint
+        )
+        self.metric = check_choice(metric, METRICS, owner=self.OWNER, arg="metric")
         self.log_key = log_key
-        self.check_finite = check_finite
-        self.log_every_n_steps = log_every_n_steps
-        self._validate()
-        super().__init__()
-        self._targets: list[Target] = []
-        self._current = 0.0
-        # (target, optimizer, param group, lr used by the step) noted before each step
-        self._pending: list[tuple[Target, torch.optim.Optimizer, dict[str, Any], float]] = []
-        # GradScaler's found_inf of each noted step (None: no loss scaling)
-        self._found_inf: list[Tensor | None] = []
+        # (target, optimizer, param group, lr used by the step, GradScaler's found_inf or None)
+        self._pending: list[tuple[Target, torch.optim.Optimizer, dict, float, Tensor | None]] = []
         self._groups: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
-        self._workspace = Workspace()
 
-    def _validate(self) -> None:
-        check_log_every(self.log_every_n_steps, owner=_OWNER)
-        self.strength = check_strength(self.strength, owner=_OWNER)
-        for arg, choices in (("norm", NORMS), ("metric", METRICS)):
-            value = getattr(self, arg)
-            if value not in choices:
-                hint = " HINT: the L1 of groups is `norm='l1'`." if value == "group_lasso" else ""
-                raise ValueError(
-                    f"`{_OWNER}({arg}={value!r})`: expected `{arg}` in {list(choices)}, "
-                    f"got {value!r}.{hint}"
-                )
-        check_granularity(self.granularity, owner=_OWNER)
+    @property
+    def norm(self) -> str:
+        """Deprecated name of :attr:`penalty`."""
+        return self.penalty
 
     def __repr__(self) -> str:
         return (
-            f"{_OWNER}(strength={describe(self.strength)!r}, norm={self.norm!r}, "
+            f"{self.OWNER}(strength={describe(self.strength)!r}, penalty={self.penalty!r}, "
             f"granularity={self.granularity!r})"
         )
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            norm=self.norm, granularity=self.granularity, layers=describe(self.layers)
-        )
+        """Distinguishes maps of different penalties, granularities or layers."""
+        return self._generate_state_key(norm=self.penalty, **self._describe_layers())
 
-    # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        refuse_sharded_strategy(trainer, owner=_OWNER)
-        self._reset_order()
-        self._targets = select_targets(pl_module, self.layers, self.granularity, owner=_OWNER)
-        if not self._targets:
-            rank_zero_warn(no_targets_message(_OWNER, self.granularity))
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
-        self._groups = {}
+    def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._train_start(trainer, pl_module)
         self._pending = []
-        self._found_inf = []
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    self._groups[id(p)] = (optimizer, group)
+        self._groups = {
+            id(p): (optimizer, group)
+            for optimizer in trainer.optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
         for t in self._targets:
             found = self._groups.get(id(t.param))
             if found is None:
                 rank_zero_warn(
-                    f"`{_OWNER}`: the weight of layer {t.name!r} is in no optimizer; it is skipped."
+                    f"`{self.OWNER}`: the weight of layer {t.name!r} is in no optimizer; skipped."
                 )
             elif self.metric == "auto" and not isinstance(found[0], SUPPORTED_OPTIMIZERS):
                 names = [c.__name__ for c in SUPPORTED_OPTIMIZERS] + ["AdamW"]
-                raise TypeError(
-                    f"`{_OWNER}(metric='auto')`: cannot read the per-coordinate step size of "
-                    f"`{type(found[0]).__name__}` (layer {t.name!r}); supported: {names}. HINT: "
-                    "`ProximalSparsity(metric='lr')` uses the plain learning rate as the step."
+                fail(
+                    self.OWNER,
+                    "metric",
+                    "auto",
+                    f"an optimizer whose per-coordinate step size is known: {names}",
+                    got=f"`{type(found[0]).__name__}` for layer {t.name!r}",
+                    hint="`ProximalSparsity(metric='lr')` uses the plain learning rate.",
+                    error=TypeError,
                 )
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._current = strength_at(self.strength, trainer.current_epoch, owner=_OWNER)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._workspace.clear()
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -264,63 +167,55 @@ class ProximalSparsity(OrderedCallback):
             and found[0] is optimizer
             and t.param.grad is not None
         ]
-        if not noted:
-            return
-        found_inf = unscaled_found_inf(trainer, optimizer)
-        for t, group in noted:
-            self._pending.append((t, optimizer, group, float(group["lr"])))
-            self._found_inf.append(found_inf)
+        if noted:
+            found_inf = unscaled_found_inf(trainer, optimizer)
+            for t, group in noted:
+                self._pending.append((t, optimizer, group, float(group["lr"]), found_inf))
+
+    def _stepped(self) -> list[tuple[Target, torch.optim.Optimizer, dict, float, Tensor | None]]:
+        """The noted weights whose step happened (GradScaler's skips dropped; one host sync)."""
+        pending, self._pending = self._pending, []
+        if pending and self.check_finite:  # skipped steps too: NaN weights make every step skip
+            with torch.no_grad():
+                values = torch.stack(torch._foreach_norm([p[0].param.detach() for p in pending]))
+            names = [p[0].name for p in pending]
+            raise_if_nonfinite(values, names, owner=self.OWNER, what="a stepped weight")
+        scaled = [(i, p[4]) for i, p in enumerate(pending) if p[4] is not None]
+        if scaled:
+            flags = torch.stack([f.reshape(()).cpu() for _, f in scaled]).tolist()  # type: ignore[union-attr]
+            dropped = {i for (i, _), skipped in zip(scaled, flags) if skipped}
+            pending = [p for i, p in enumerate(pending) if i not in dropped]
+        return pending
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
-        pending, self._pending = self._pending, []
-        found_inf, self._found_inf = self._found_inf, []
-        if pending and self.check_finite:  # skipped steps too: NaN weights make every step skip
-            with torch.no_grad():
-                values = torch.stack(torch._foreach_norm([t.param.detach() for t, *_ in pending]))
-            names = [t.name for t, *_ in pending]
-            raise_if_nonfinite(values, names, owner=_OWNER, what="a stepped weight")
-        scaled = [(i, f) for i, f in enumerate(found_inf) if f is not None]
-        if scaled:  # under loss scaling: drop the steps GradScaler skipped (one host sync)
-            flags = torch.stack([f.reshape(()).cpu() for _, f in scaled]).tolist()
-            dropped = {i for (i, _), skipped in zip(scaled, flags) if skipped}
-            pending = [p for i, p in enumerate(pending) if i not in dropped]
+        pending = self._stepped()
         if not pending or self._current == 0:
             return
-        lam = self._current
         log = log_due(trainer, self.log_every_n_steps, after_step=True)
+        alive, total = [], 0
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
-            weights = [t.param.detach() for t, *_ in pending]
-            alive, total = [], 0
-            for (t, optimizer, group, lr), z in zip(pending, weights):
+            for t, optimizer, group, lr, _ in pending:
+                z = t.param.detach()
                 buf = self._workspace.get(t.name, z)
                 d = None
                 if self.metric == "auto":
                     d = step_denominator(optimizer, group, optimizer.state[t.param], out=buf)
-                if self.norm == "l0":
-                    # keep iff sum_i z_i^2 / (2 eta_i) > lambda with eta_i = lr / d_i, i.e.
-                    # sum_i z_i^2 d_i > 2 lr lambda (the scratch d becomes the score in place)
-                    score = torch.square(z, out=buf) if d is None else d.mul_(z).mul_(z)
-                    dims = reduce_dims(z, t.granularity)
-                    limit = 2 * lr * lam
-                    if dims:
-                        keep = score.sum(dims, keepdim=True) > limit
-                    else:
-                        keep = torch.gt(
-                            score, limit, out=self._workspace.get(t.name + "/mask", z, torch.bool)
-                        )
-                    z.mul_(keep)
-                    if log:
-                        alive.append(keep.sum())
-                        total += keep.numel()
-                else:
-                    eta: float | Tensor = lr if d is None else d.reciprocal_().mul_(lr)
-                    z.copy_(group_soft_threshold(z, eta * lam, t.granularity))
-                    if log:
-                        norms = group_norms(z, t.granularity)
-                        alive.append((norms > 0).sum())
-                        total += norms.numel()
+                live = proximal_step_(
+                    z,
+                    self._current,
+                    lr,
+                    penalty=self.penalty,  # type: ignore[arg-type]
+                    granularity=t.granularity,
+                    denominator=d,
+                    scratch=buf,
+                    mask=self._workspace.get(t.name + "/mask", z, torch.bool),
+                    count=log,
+                )
+                if live is not None:
+                    alive.append(live)
+                    total += num_groups(z, t.granularity)
         if log:
             fraction = torch.stack(alive).sum() / total
             pl_module.log(self.log_key, fraction, on_step=True, on_epoch=False)

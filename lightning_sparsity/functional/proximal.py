@@ -23,10 +23,17 @@ Thresholds are not validated (a tensor check would synchronise the device): they
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from lightning_sparsity.functional.groups import check_granularity, check_weight, reduce_dims
+
+#: The penalties of :func:`proximal_step_`: ``lambda * #{g: w_g != 0}`` or ``lambda sum_g ||w_g||``.
+ProximalPenalty = Literal["l0", "l1"]
+#: Their names.
+PROXIMAL_PENALTIES: tuple[str, ...] = ("l0", "l1")
 
 #: Newton steps of the per-coordinate group soft threshold (float32 precision is reached in fewer
 #: even for thresholds spanning many orders of magnitude; the tests check against bisection).
@@ -132,3 +139,58 @@ def group_soft_threshold(weight: Tensor, t: float | Tensor, granularity: str = "
         r = torch.where(keep, (r + step).clamp_min(0), r)
     shrunk = weight * r / (r + t).clamp_min(tiny)
     return torch.where(keep, shrunk, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def proximal_step_(
+    weight: Tensor,
+    strength: float,
+    lr: float,
+    *,
+    penalty: ProximalPenalty = "l0",
+    granularity: str = "filter",
+    denominator: Tensor | None = None,
+    scratch: Tensor | None = None,
+    mask: Tensor | None = None,
+    count: bool = True,
+) -> Tensor | None:
+    """In place, the proximal map of ``strength * R`` after a step with per-coordinate step size
+    ``eta = lr / denominator`` (``lr`` when ``denominator`` is ``None``).
+
+    ``"l0"``: keep group ``g`` iff ``sum_i z_i^2 / (2 eta_i) > strength``, evaluated as
+    ``sum_i z_i^2 d_i > 2 lr strength`` (:func:`group_hard_threshold` in fewer passes; element-wise
+    for ``"weight"``). ``"l1"``: :func:`group_soft_threshold` with ``t = eta * strength`` (exact in
+    the metric). ``denominator`` is overwritten (it becomes the score or ``eta``); ``scratch`` (a
+    float tensor like ``weight``) holds the score when there is no denominator, ``mask`` (a bool
+    tensor like ``weight``) the element-wise mask, so that nothing is allocated.
+
+    Returns:
+        With ``count``, the number of non-zero groups after the map (a 0-d tensor, not
+        synchronised), else ``None`` (one pass less for ``"l1"``).
+
+    Example::
+
+        >>> w = torch.tensor([[0.1, 0.0], [3.0, 4.0]])
+        >>> proximal_step_(w, strength=1.0, lr=0.1)  # keep iff ||w_g||^2 > 2 * 0.1 * 1
+        tensor(1)
+        >>> w.tolist()
+        [[0.0, 0.0], [3.0, 4.0]]
+    """
+    dims = reduce_dims(weight, granularity)
+    if penalty == "l0":
+        d = denominator
+        score = torch.square(weight) if d is None else d.mul_(weight).mul_(weight)
+        limit = 2 * lr * strength
+        if dims:
+            keep = score.sum(dims, keepdim=True) > limit
+        else:
+            keep = (
+                torch.gt(score, limit) if scratch is None else torch.gt(score, limit, out=scratch)
+            )
+        weight.mul_(keep)
+        return keep.sum() if count else None
+    eta: float | Tensor = lr if denominator is None else denominator.reciprocal_().mul_(lr)
+    weight.copy_(group_soft_threshold(weight, eta * strength, granularity))
+    if not count:
+        return None
+    norms = torch.linalg.vector_norm(weight, dim=dims) if dims else weight.abs()
+    return (norms > 0).sum()

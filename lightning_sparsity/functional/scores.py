@@ -17,11 +17,28 @@ with a non-zero L1 norm), which makes the score scale-equivariant; ``alpha`` def
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+from lightning_sparsity.validation import check_choice, fail
+
+#: A filter norm: Euclidean, sum of magnitudes or mean magnitude.
+FilterNorm = Literal["l2", "l1", "mean_abs"]
 #: Norms accepted by :func:`filter_norms`.
-NORMS: tuple[str, ...] = ("l2", "l1", "mean_abs")
+FILTER_NORMS: tuple[str, ...] = ("l2", "l1", "mean_abs")
+#: Deprecated alias of :data:`FILTER_NORMS`.
+NORMS = FILTER_NORMS
+#: A filter-ranking criterion by name.
+CriterionName = Literal["l1", "l2", "l1_capped_l1"]
+#: The named criteria of :func:`filter_scores`.
+CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_capped_l1")
+#: A criterion: a name, or a callable ``weight [out, ...] -> scores [out]``.
+Criterion = CriterionName | Callable[[Tensor], Tensor]
 
 
 def _check_weight(weight: Tensor, owner: str) -> Tensor:
@@ -35,7 +52,7 @@ def _check_weight(weight: Tensor, owner: str) -> Tensor:
     return weight.detach().reshape(weight.shape[0], -1)
 
 
-def filter_norms(weight: Tensor, norm: str = "l2") -> Tensor:
+def filter_norms(weight: Tensor, norm: FilterNorm = "l2") -> Tensor:
     """The norm of every filter ``weight[o]``: a ``[out]`` tensor.
 
     Args:
@@ -53,10 +70,7 @@ def filter_norms(weight: Tensor, norm: str = "l2") -> Tensor:
         >>> filter_norms(torch.tensor([[3.0, -4.0], [0.0, 1.0]]), "mean_abs")
         tensor([3.5000, 0.5000])
     """
-    if norm not in NORMS:
-        raise ValueError(
-            f"`filter_norms(norm={norm!r})`: expected `norm` in {list(NORMS)}, got {norm!r}."
-        )
+    check_choice(norm, FILTER_NORMS, owner="filter_norms", arg="norm")
     flat = _check_weight(weight, "filter_norms")
     if norm == "l2":
         return torch.linalg.vector_norm(flat, ord=2, dim=1)
@@ -65,21 +79,35 @@ def filter_norms(weight: Tensor, norm: str = "l2") -> Tensor:
     return flat.abs().mean(dim=1)
 
 
-def capped_l1(weight: Tensor, cap: float) -> Tensor:
+def capped_l1_norms(weight: Tensor, cap: float) -> Tensor:
     """The capped L1 norm ``sum_i min(|w_i|, cap)`` of every filter: a ``[out]`` tensor.
+
+    (Not the penalty :func:`lightning_sparsity.functional.penalties.capped_l1`, which caps each
+    group's L1 norm, not each weight.)
 
     Raises:
         ValueError: ``cap`` not > 0.
 
     Example::
 
-        >>> capped_l1(torch.tensor([[1.0, 0.1, 0.0], [-0.3, 0.3, 0.3]]), cap=0.2)
+        >>> capped_l1_norms(torch.tensor([[1.0, 0.1, 0.0], [-0.3, 0.3, 0.3]]), cap=0.2)
         tensor([0.3000, 0.6000])
     """
     if not cap > 0:
-        raise ValueError(f"`capped_l1(cap={cap!r})`: expected `cap` > 0, got {cap!r}.")
-    flat = _check_weight(weight, "capped_l1")
+        fail("capped_l1_norms", "cap", cap, "`cap` > 0")
+    flat = _check_weight(weight, "capped_l1_norms")
     return flat.abs().clamp(max=cap).sum(dim=1)
+
+
+def capped_l1(weight: Tensor, cap: float) -> Tensor:
+    """Deprecated name of :func:`capped_l1_norms` (it collided with the penalty ``capped_l1``)."""
+    warnings.warn(
+        "`lightning_sparsity.functional.scores.capped_l1` is deprecated: it is now "
+        "`capped_l1_norms` (the penalty of the same name is a different quantity).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return capped_l1_norms(weight, cap)
 
 
 def default_cap(weight: Tensor) -> float:
@@ -121,7 +149,7 @@ def l1_capped_l1_significance(
     theta = default_cap(weight) if cap is None else cap
     if theta == 0.0:  # every filter is zero
         return l1
-    return l1 + alpha * capped_l1(weight, theta)
+    return l1 + alpha * capped_l1_norms(weight, theta)
 
 
 def kill_weakest(live: Tensor, candidates: Tensor, strength: Tensor, floor: int) -> Tensor:
@@ -144,3 +172,91 @@ def kill_weakest(live: Tensor, candidates: Tensor, strength: Tensor, floor: int)
     order = torch.argsort(strength[ids], stable=True)
     new[ids[order[:budget]]] = False
     return new
+
+
+def filter_scores(
+    weight: Tensor, criterion: Criterion = "l2", *, cap: float | None = None
+) -> Tensor:
+    """Every filter's score under ``criterion`` (higher = stronger): a ``[out]`` float tensor.
+
+    ``"l1"``/``"l2"``: the filter's norm (Li et al.); ``"l1_capped_l1"``: Kumar et al.'s
+    :func:`l1_capped_l1_significance` with ``cap``; a callable gets the detached weight.
+
+    Raises:
+        ValueError: a callable that does not return one score per filter.
+
+    Example::
+
+        >>> filter_scores(torch.tensor([[3.0, -4.0], [0.0, 1.0]]), "l1")
+        tensor([7., 1.])
+    """
+    if criterion == "l1_capped_l1":
+        return l1_capped_l1_significance(weight, cap=cap)
+    if isinstance(criterion, str):
+        return filter_norms(weight, criterion)  # type: ignore[arg-type]
+    scores = torch.as_tensor(criterion(weight.detach())).float().flatten()
+    if scores.shape != (weight.shape[0],):
+        fail(
+            "FilterThresholding",
+            "criterion",
+            criterion,
+            f"the criterion to return {weight.shape[0]} scores (one per filter)",
+            got=f"shape {tuple(scores.shape)}",
+        )
+    return scores
+
+
+def threshold_round(
+    weight: Tensor,
+    live: Tensor,
+    *,
+    threshold: float | None = None,
+    norm: FilterNorm = "l2",
+    relative: bool = False,
+    criterion: Criterion | None = None,
+    fraction: float | None = None,
+    cap: float | None = None,
+    min_filters: int = 1,
+) -> tuple[Tensor, int]:
+    """One thresholding round on a layer: the new live mask, and how many filters it wanted alive.
+
+    The rules apply in order, each killing its candidates weakest first and stopping at the floor
+    ``min(min_filters, live filters)`` (:func:`kill_weakest`), so nothing is revived:
+
+    1. with ``threshold``: filters whose ``norm`` is below it (below ``threshold *`` the largest
+       norm when ``relative``), and all-zero filters at any threshold (0 included);
+    2. with ``criterion`` and ``fraction``: ``floor(fraction * live)`` more of the live filters,
+       the lowest :func:`filter_scores` first (ties: lowest index).
+
+    Returns:
+        ``(mask, wanted)``: the bool ``[out]`` live mask (CPU) and the live count the rules asked
+        for before the floor (``wanted < min_filters``: the floor spared some candidates).
+
+    Example::
+
+        >>> w = torch.tensor([[1e-4, 0.0], [2.0, 0.0], [0.5, 0.0], [0.0, 0.0]])
+        >>> live = torch.tensor([True, True, True, False])
+        >>> threshold_round(w, live, threshold=1e-3)
+        (tensor([False,  True,  True, False]), 2)
+        >>> threshold_round(w, live, threshold=1e-3, criterion="l2", fraction=0.5)
+        (tensor([False,  True, False, False]), 1)
+    """
+    weight = weight.detach().float()
+    norms = filter_norms(weight, norm).cpu()
+    floor = min(min_filters, int(live.sum()))
+    new, wanted = live, int(live.sum())
+    if threshold is not None:
+        limit = threshold * float(norms.max()) if relative else threshold
+        below = (norms < limit) | (norms == 0)  # a zero filter is dead at any threshold
+        wanted -= int((live & below).sum())
+        new = kill_weakest(new, below, norms, floor)
+    if criterion is not None and fraction is not None:
+        scores = filter_scores(weight, criterion, cap=cap).cpu()
+        alive = new.nonzero().flatten()
+        n_kill = math.floor(fraction * alive.numel())
+        order = torch.argsort(scores[alive], stable=True)
+        lowest = torch.zeros_like(live)
+        lowest[alive[order[:n_kill]]] = True
+        wanted -= n_kill
+        new = kill_weakest(new, lowest, scores, floor)
+    return new, wanted

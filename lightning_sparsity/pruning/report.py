@@ -19,6 +19,7 @@ e.g. VGG-16 on CIFAR: 14,982,474).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -241,3 +242,26 @@ def size_report(original: nn.Module, pruned: nn.Module, example_inputs: Any) -> 
         macs_before=macs_before,
         macs_after=macs_after,
     )
+
+
+@torch.no_grad()
+def pruned_size(
+    model: nn.Module, dead: dict[str, Tensor], example_inputs: tuple[Tensor, ...]
+) -> tuple[int, int]:
+    """Parameters and MACs per sample that :func:`~lightning_sparsity.prune_model` would give
+    once the filters ``dead`` (layer name -> indices) are removed; ``model`` is not changed.
+
+    A copy has those filters killed (:func:`~lightning_sparsity.pruning.masks.kill_filters`) and
+    is pruned without the equivalence check, then counted like :func:`size_report`.
+    """
+    from lightning_sparsity.pruning.export import prune_model
+    from lightning_sparsity.pruning.masks import kill_filters
+
+    trainer = getattr(model, "_trainer", None)  # a LightningModule's Trainer is not copied
+    clone = copy.deepcopy(model, {id(trainer): trainer} if trainer is not None else {}).eval()
+    dead = {name: idx for name, idx in dead.items() if idx.numel()}
+    if not dead:  # nothing dead: the model is its own pruned version
+        return count_params(clone), count_macs(clone, example_inputs)[0]
+    kill_filters(clone, dead, owner="SparsityMonitor")
+    pruned = prune_model(clone, example_inputs, verify=False, allow_unchanged=True)
+    return count_params(pruned), count_macs(pruned, example_inputs)[0]

@@ -309,7 +309,7 @@ def build_callbacks(export_dir: Path | None, *, monitor: bool = True) -> tuple[l
     before and after all of them (their difference is the map and the masks).
     """
     reg = SparsityRegularizer("l1_l2", strength=0.05, layers=["conv1"])
-    prox = ProximalSparsity(strength=0.02, norm="l0", granularity="filter", layers=["conv2"])
+    prox = ProximalSparsity(strength=0.02, penalty="l0", granularity="filter", layers=["conv2"])
     split = VariableSplitting(strength=0.02, beta=1.0, growth_every_n_epochs=1, layers=["fc1"])
     thresholding = FilterThresholding(threshold=0.3, relative=True)
     criterion = RankDependentScore()

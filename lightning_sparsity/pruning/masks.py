@@ -1,11 +1,13 @@
 """Killing filters: zero a filter's weights, bias and the BatchNorm scale/shift after it, its
-gradients and its optimizer state. Private helpers shared by the thresholding and monitor callbacks
-(plain torch, no Lightning import).
+gradients and its optimizer state (plain torch, no Lightning import).
+
+:func:`kill_filters` is the one-call form (tests, benchmarks, a user's own schedule); the
+thresholding and monitor callbacks use the :class:`FilterGroup` pieces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -100,3 +102,33 @@ def zero_optimizer_state(
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0:
                     value.index_fill_(0, dead.to(value.device), 0.0)
+
+
+def kill_filters(
+    model: nn.Module, dead: Mapping[str, Sequence[int] | Tensor], *, owner: str = "kill_filters"
+) -> None:
+    """Make filters emit exactly 0: for each ``layer name -> filter indices``, zero the weight rows,
+    the bias, and the scale, shift and running mean of the BatchNorm that follows the layer
+    (found by a ``torch.fx`` trace), so that :func:`~lightning_sparsity.prune_model` removes them
+    and the pruned model's outputs stay equal.
+
+    Raises:
+        ValueError: a layer name that is not a module of ``model``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> kill_filters(net, {"0": [1, 2]})
+        >>> net[0].weight.flatten(1).norm(dim=1).eq(0).tolist(), net[1].weight.tolist()
+        ([False, True, True, False], [1.0, 0.0, 0.0, 1.0])
+    """
+    modules = dict(model.named_modules())
+    unknown = sorted(set(dead) - set(modules))
+    if unknown:
+        raise ValueError(
+            f"`{owner}(dead={{{unknown[0]!r}: ...}})`: expected layer names of "
+            f"`{type(model).__name__}`, got {unknown}."
+        )
+    groups = build_groups(model, list(dead), owner)
+    for name, idx in dead.items():
+        zero_filters(groups[name], torch.as_tensor(idx, dtype=torch.long).flatten())
