@@ -2,9 +2,21 @@
 
 This is the only module of the package that imports torchvision.
 
-A read-only ``data_dir`` (a shared offline copy) is handled: torchvision unpacks archives next to
-them, so when ``data_dir`` holds the archives but is not unpacked and not writable, the archives
-are copied to ``cache_dir`` and that copy is used.
+Where the data is read, and what is written (torchvision unpacks archives next to them, e.g.
+``<root>/MNIST/raw/*.gz`` into ``<root>/MNIST/raw/``):
+
+* ``data_dir`` holds the unpacked files: it is used as is.
+* ``data_dir`` holds the archives but not the unpacked files (a shared offline copy, like
+  torchvision's ``MNIST/raw/*.gz``): ``data_dir`` is never written, writable or not. The archives
+  are copied to ``cache_dir`` and unpacked there; no network is needed, even with
+  ``download=False``.
+* ``data_dir`` holds none of the dataset's files: it is where the dataset is downloaded to
+  (``download=True``), its folders created by the download. When it is read-only, the download
+  goes to ``cache_dir`` instead.
+
+``cache_dir`` is the argument, else ``$LIGHTNING_SPARSITY_CACHE``, else
+``~/.cache/lightning_sparsity``. Folders are created only when a file is written: a mistyped
+``data_dir`` with ``download=False``, or whose download fails (no network), leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,8 +31,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 DEFAULT_CACHE_DIR = "~/.cache/lightning_sparsity"
+CACHE_DIR_ENV = "LIGHTNING_SPARSITY_CACHE"
+"""Environment variable read for ``cache_dir`` when the argument is not given."""
 
 
 def _is_writable(path: Path) -> bool:
@@ -35,9 +50,27 @@ def _is_writable(path: Path) -> bool:
     return os.access(existing, os.W_OK) and bool(existing.stat().st_mode & 0o222)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder (or file) of ``path`` that does not exist; None when it exists."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove what a failed download created (each path did not exist before it)."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 class VisionDataModule(pl.LightningDataModule):
-    """Base class: a torchvision dataset, a seeded train/val split of its training set, and the
-    test set. Subclasses set the dataset class, the normalisation and the augmentation.
+    """Base class: a torchvision dataset, a seeded train/val split of it, and its test set.
+
+    Subclasses set the dataset class, the normalisation and the augmentation.
 
     Args:
         data_dir: torchvision root (the folder that holds ``MNIST/``, ``cifar-10-batches-py/``...).
@@ -45,14 +78,22 @@ class VisionDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         val_size: samples of the training set held out for validation.
         seed: seed of the train/val split.
-        download: download the dataset when it is not under ``data_dir``.
-        cache_dir: where the archives of a read-only ``data_dir`` are copied to be unpacked.
+        download: download the dataset when neither its files nor its archives are under
+            ``data_dir`` (archives are unpacked without it).
+        cache_dir: where archives found in ``data_dir`` are copied to be unpacked, and where a
+            read-only ``data_dir`` that holds nothing is downloaded to. None:
+            ``$LIGHTNING_SPARSITY_CACHE``, else ``~/.cache/lightning_sparsity``.
+
+    ``data_dir`` is never written when it holds the dataset, unpacked or as archives; see the
+    module's documentation for the whole rule.
 
     Raises:
-        ValueError: a size below its minimum, a ``val_size`` not smaller than the training set.
+        ValueError: a size below its minimum, a ``val_size`` not smaller than the training set,
+            a ``data_dir`` that is a file.
         TypeError: a size that is not an int.
-        RuntimeError: the dataset is neither under ``data_dir`` nor downloadable (the message
-            says where it was looked for and how to provide it).
+        RuntimeError: the dataset is neither under ``data_dir`` nor downloadable, or the archives
+            cannot be copied to ``cache_dir`` (the message says where it was looked for and how
+            to provide it).
     """
 
     dataset_class: ClassVar[type[Dataset[Any]]]
@@ -69,7 +110,7 @@ class VisionDataModule(pl.LightningDataModule):
         val_size: int = 5000,
         seed: int = 42,
         download: bool = True,
-        cache_dir: str | Path = DEFAULT_CACHE_DIR,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -99,14 +140,15 @@ class VisionDataModule(pl.LightningDataModule):
         self.val_set: Dataset[Any] | None = None
         self.test_set: Dataset[Any] | None = None
         self._announced: Path | None = None
+        self._why_cache = ""  # why the root in use is the cache, for the error messages
 
     # -- what a subclass describes -------------------------------------------------------------
     def _required_files(self, root: Path) -> list[Path]:
         """Files torchvision reads without writing anything."""
         raise NotImplementedError
 
-    def _archives(self, root: Path) -> list[Path]:
-        """Archives torchvision unpacks (next to themselves) when the files above are missing."""
+    def _archives(self, root: Path) -> dict[Path, str]:
+        """Archives (with their md5) that torchvision unpacks next to themselves."""
         raise NotImplementedError
 
     def _write_dir(self, root: Path) -> Path:
@@ -117,9 +159,11 @@ class VisionDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def train_transform(self) -> Any:
+        """The transform of the training split (the evaluation one unless a subclass augments)."""
         return self.eval_transform()
 
     def eval_transform(self) -> Any:
+        """The transform of the validation and test splits: to a tensor, normalised."""
         return transforms.Compose(
             [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         )
@@ -128,62 +172,149 @@ class VisionDataModule(pl.LightningDataModule):
     def _ready(self, root: Path) -> bool:
         return all(path.is_file() for path in self._required_files(root))
 
-    def resolve_root(self) -> Path:
-        """The torchvision root to use: ``data_dir``, or ``cache_dir`` when ``data_dir`` is
-        read-only and not unpacked (its archives, if any, are copied there first)."""
+    def _archives_intact(self, root: Path) -> bool:
+        """Every archive is there with its md5: torchvision unpacks them without a network."""
+        return all(check_integrity(str(path), md5) for path, md5 in self._archives(root).items())
+
+    def _data_root(self) -> Path:
         root = Path(self.data_dir).expanduser().resolve()
-        if self._ready(root) or _is_writable(self._write_dir(root)):
+        if root.exists() and not root.is_dir():
+            raise ValueError(
+                f"`{type(self).__name__}(data_dir={str(self.data_dir)!r})`: expected a folder (a "
+                "torchvision root), got a file. HINT: point `data_dir` to the folder that holds "
+                f"{self._layout_hint()}, or to a new folder to download the dataset into."
+            )
+        return root
+
+    def _cache_root(self) -> Path:
+        """The cache folder, resolved (not created).
+
+        ``cache_dir``, else ``$LIGHTNING_SPARSITY_CACHE``, else ``~/.cache/lightning_sparsity``.
+        """
+        value = self.cache_dir
+        if value is None or str(value) == "":
+            value = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+        return Path(value).expanduser().resolve()
+
+    def resolve_root(self) -> Path:
+        """The torchvision root to use; never writes into ``data_dir``.
+
+        ``data_dir`` when it holds the unpacked files, or nothing of the dataset and is writable
+        (the download target); else the cache, where archives found in ``data_dir`` are copied
+        first.
+        """
+        name = type(self).__name__
+        root = self._data_root()
+        if self._ready(root):
             return root
-        cache = Path(self.cache_dir).expanduser().resolve()
+        cache = self._cache_root()
+        if cache == root:  # the cache is ours to write
+            return root
         archives = [path for path in self._archives(root) if path.is_file()]
-        for src in archives:
-            dest = cache / src.relative_to(root)
-            if not dest.is_file() or dest.stat().st_size != src.stat().st_size:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)  # copyfile: not the read-only mode bits
-        if self._announced == cache:
-            pass
-        elif archives:
-            rank_zero_info(
-                f"{type(self).__name__}: `{root}` is read-only and torchvision unpacks next to the "
-                f"archives: using a copy of them in `{cache}` (set `cache_dir` to change it)."
+        if archives:
+            if not self._ready(cache):
+                self._copy_archives(root, cache, archives)
+            self._why_cache = (
+                f"`data_dir` holds the archives, not the unpacked files: they are unpacked in "
+                f"their copy in `cache_dir={str(cache)!r}`"
             )
+            message = (
+                f"{name}: `{root}` holds the {self.dataset_class.__name__} archives but not the "
+                f"unpacked files; torchvision unpacks next to the archives, so `data_dir` is left "
+                f"as it is and a copy in `{cache}` is used (set `cache_dir` or "
+                f"${CACHE_DIR_ENV} to change the place)."
+            )
+        elif _is_writable(self._write_dir(root)):
+            return root  # nothing there: the download target
         else:
-            rank_zero_info(
-                f"{type(self).__name__}: `{root}` is read-only: using `{cache}` (set `cache_dir` "
-                "to change it)."
+            self._why_cache = (
+                f"`data_dir` is read-only and holds no {self.dataset_class.__name__} files: "
+                f"`cache_dir={str(cache)!r}` is used instead"
             )
+            message = (
+                f"{name}: `{root}` is read-only and holds no {self.dataset_class.__name__} "
+                f"files: using `{cache}` (set `cache_dir` or ${CACHE_DIR_ENV} to change it)."
+            )
+        if self._announced != cache:
+            rank_zero_info(message)
         self._announced = cache
         return cache
 
-    def _not_found(self, root: Path, err: Exception | None) -> RuntimeError:
+    def _copy_archives(self, root: Path, cache: Path, archives: list[Path]) -> None:
+        for src in archives:
+            dest = cache / src.relative_to(root)
+            if dest.is_file() and dest.stat().st_size == src.stat().st_size:
+                continue
+            created = _first_missing(dest.parent)
+            partial = dest.with_name(dest.name + ".part")
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, partial)  # copyfile: not the read-only mode bits
+                partial.replace(dest)
+            except OSError as err:
+                _remove([partial] + ([created] if created is not None else []))
+                raise RuntimeError(
+                    f"`{type(self).__name__}(cache_dir={str(self.cache_dir)!r})`: the archives "
+                    f"of `data_dir={str(self.data_dir)!r}` are unpacked in a copy in `{cache}`, "
+                    f"and copying `{src.name}` there failed ({type(err).__name__}: {err}). HINT: "
+                    f"set `cache_dir` (or ${CACHE_DIR_ENV}) to a writable folder, or point "
+                    "`data_dir` to a root that holds the unpacked files."
+                ) from err
+
+    def _not_found(self, root: Path, err: Exception | None, fetched: bool) -> RuntimeError:
+        """The error for a dataset that torchvision could not load.
+
+        ``err`` is torchvision's error (None when it was not called); ``fetched`` says whether it
+        was asked to download or unpack.
+        """
         name = type(self).__name__
-        looked = f"`{self._write_dir(root)}`"
         given = Path(self.data_dir).expanduser().resolve()
-        if root != given:
-            looked += f" (`data_dir={str(given)!r}` is read-only, so its copy in `cache_dir`)"
-        if err is None:
-            cause = "`download=False`"
+        data = self.dataset_class.__name__
+        if not given.exists():
+            where = "the folder does not exist"
+        elif self._ready(root):
+            where = f"the {data} files in `{self._write_dir(root)}` failed torchvision's check"
         else:
+            where = f"the {data} files were not found in `{self._write_dir(root)}`"
+        if given.exists() and root != given:
+            where += f" ({self._why_cache})"
+        detail = ""
+        if err is not None:
             detail = " ".join(str(err).split())
             detail = detail if len(detail) <= 300 else detail[:297] + "..."
-            cause = f"the download failed ({type(err).__name__}: {detail})"
+            detail = f"{type(err).__name__}: {detail}"
+        if not fetched:
+            cause = "`download=False`" + (f" (torchvision: {detail})" if detail else "")
+        elif self.download:
+            cause = f"the download failed ({detail}); nothing was left behind"
+        else:
+            cause = f"`download=False` and unpacking the archives failed ({detail})"
+        typo = "check the path for a typo; " if not given.exists() else ""
         return RuntimeError(
-            f"`{name}(data_dir={str(self.data_dir)!r})`: the {self.dataset_class.__name__} files "
-            f"were not found in {looked} and {cause}. HINT: with network access keep "
-            "`download=True`; offline, point `data_dir` (`--data.data_dir` with LightningCLI, "
-            f"`--data_dir` in the examples) to a torchvision root that holds {self._layout_hint()}."
+            f"`{name}(data_dir={str(self.data_dir)!r})`: {where} and {cause}. HINT: {typo}"
+            "with network access keep `download=True`; offline, point `data_dir` "
+            "(`--data.data_dir` with LightningCLI, `--data_dir` in the examples) to a torchvision "
+            f"root that holds {self._layout_hint()} (looked for in `{self._write_dir(root)}`)."
         )
 
     def _dataset(self, root: Path, train: bool, transform: Any, download: bool) -> Any:
-        if not download and not self._ready(root):
-            raise self._not_found(root, None)
+        if self._ready(root):
+            fetch = download  # torchvision verifies; it downloads again only what is corrupt
+        else:
+            fetch = download or self._archives_intact(root)  # unpacking needs no network
+            if not fetch:
+                raise self._not_found(root, None, fetched=False)
+        # what downloading or unpacking would create, removed again when it fails
+        watched = [self._write_dir(root), *self._archives(root), *self._required_files(root)]
+        created = {missing for path in watched if (missing := _first_missing(path)) is not None}
         try:
             return self.dataset_class(  # type: ignore[call-arg]
-                str(root), train=train, transform=transform, download=download
+                str(root), train=train, transform=transform, download=fetch
             )
         except (RuntimeError, OSError) as err:  # URLError is an OSError
-            raise self._not_found(root, err) from err
+            if fetch:
+                _remove(sorted(created, key=lambda path: len(path.parts)))
+            raise self._not_found(root, err, fetched=fetch) from err
 
     # -- LightningDataModule hooks -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -193,6 +324,7 @@ class VisionDataModule(pl.LightningDataModule):
             self._dataset(root, train=train, transform=None, download=self.download)
 
     def setup(self, stage: str) -> None:
+        """Build the train/val split (``fit``, ``validate``) or the test set (``test``, ...)."""
         root = self.resolve_root()
         if stage in ("fit", "validate") and self.train_set is None:
             train_aug = self._dataset(root, True, self.train_transform(), self.download)
@@ -230,15 +362,19 @@ class VisionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
+        """The training split, shuffled."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader[Any]:
+        """The validation split (held out of the training set)."""
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader[Any]:
+        """The test set."""
         return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader[Any]:
+        """The test set, for ``Trainer.predict``."""
         return self._loader(self.test_set, shuffle=False)
 
 
@@ -249,8 +385,8 @@ class _MNISTLike(VisionDataModule):
     def _raw(self, root: Path) -> Path:
         return root / self.dataset_class.__name__ / "raw"
 
-    def _archives(self, root: Path) -> list[Path]:
-        return [self._raw(root) / name for name, _ in self.dataset_class.resources]
+    def _archives(self, root: Path) -> dict[Path, str]:
+        return {self._raw(root) / name: md5 for name, md5 in self.dataset_class.resources}
 
     def _required_files(self, root: Path) -> list[Path]:
         return [path.with_suffix("") for path in self._archives(root)]
@@ -263,7 +399,8 @@ class _MNISTLike(VisionDataModule):
 
 
 class MNISTDataModule(_MNISTLike):
-    """MNIST (60k train, 10k test, 1x28x28), normalised with mean 0.1307 and std 0.3081;
+    """MNIST (60k train, 10k test, 1x28x28), normalised with mean 0.1307 and std 0.3081.
+
     ``val_size`` training samples, drawn by a seeded permutation, validate.
 
     See :class:`VisionDataModule` for the arguments.
@@ -292,9 +429,10 @@ class FashionMNISTDataModule(_MNISTLike):
 
 
 class CIFAR10DataModule(VisionDataModule):
-    """CIFAR-10 (50k train, 10k test, 3x32x32), normalised per channel; the training split is
-    augmented with a random 32x32 crop of the 4-pixel zero-padded image and a horizontal flip,
-    validation and test are not.
+    """CIFAR-10 (50k train, 10k test, 3x32x32), normalised per channel.
+
+    The training split is augmented with a random 32x32 crop of the 4-pixel zero-padded image and
+    a horizontal flip; validation and test are not.
 
     See :class:`VisionDataModule` for the arguments.
     """
@@ -305,6 +443,7 @@ class CIFAR10DataModule(VisionDataModule):
     dims = (3, 32, 32)
 
     def train_transform(self) -> Any:
+        """Random crop of the 4-pixel zero-padded image, horizontal flip, normalisation."""
         return transforms.Compose(
             [
                 transforms.RandomCrop(32, padding=4),
@@ -319,8 +458,8 @@ class CIFAR10DataModule(VisionDataModule):
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return [root / cls.base_folder / name for name in names]
 
-    def _archives(self, root: Path) -> list[Path]:
-        return [root / datasets.CIFAR10.filename]
+    def _archives(self, root: Path) -> dict[Path, str]:
+        return {root / datasets.CIFAR10.filename: datasets.CIFAR10.tgz_md5}
 
     def _write_dir(self, root: Path) -> Path:
         return root
@@ -337,8 +476,9 @@ _DATAMODULES: dict[str, type[VisionDataModule]] = {
 
 
 def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
-    """Build a datamodule by name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``
-    (case, ``-`` and ``_`` are ignored).
+    """Build a datamodule by name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
+
+    Case, ``-`` and ``_`` are ignored; ``kwargs`` go to the datamodule.
 
     Raises:
         ValueError: an unknown name (the valid ones are listed).
