@@ -58,7 +58,8 @@ def machine_info() -> dict[str, Any]:
 
 def merge_results(path: Path, key: str, name: str, record: dict[str, Any]) -> dict[str, Any]:
     """Read the JSON at ``path`` (if any), set ``data[key][name] = record`` and write it back,
-    under an exclusive lock (methods may run in parallel processes)."""
+    under an exclusive lock (methods may run in parallel processes).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = Path(tempfile.gettempdir()) / f"lightning_sparsity_{path.name}.lock"
     with open(lock_path, "w") as lock:
@@ -75,7 +76,8 @@ def interleaved_medians(
     fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1
 ) -> dict[str, dict[str, float]]:
     """Time each callable ``reps`` times, interleaved (a, b, a, b, ...), after ``warmup`` calls
-    each; returns the median, min and all times in seconds per name."""
+    each; returns the median, min and all times in seconds per name.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()

@@ -34,35 +34,22 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_int, interleaved_medians, machine_info, merge_results
 
-
-def _bn_after(model: nn.Module) -> dict[str, str]:
-    from lightning_sparsity.pruning.analysis.graph import batchnorm_after
-
-    return batchnorm_after(model)
+from lightning_sparsity.pruning.masks import kill_filters
 
 
-def kill_filters(model: nn.Module, layer_names: list[str], fraction: float, seed: int) -> int:
-    """Zero ``fraction`` of the output units (random, seeded) of each named layer: weight, bias and
-    the following BatchNorm's weight/bias. Returns the number of units killed."""
+def kill_random_filters(
+    model: nn.Module, layer_names: list[str], fraction: float, seed: int
+) -> int:
+    """Kill ``fraction`` of the output units (random, seeded) of each named layer with the
+    library's ``kill_filters``. Returns the number of units killed."""
     gen = torch.Generator().manual_seed(seed)
     mods = dict(model.named_modules())
-    bn_of = _bn_after(model)
-    killed = 0
-    with torch.no_grad():
-        for name in layer_names:
-            layer = mods[name]
-            n_out = layer.weight.shape[0]
-            k = round(fraction * n_out)
-            idx = torch.randperm(n_out, generator=gen)[:k]
-            layer.weight[idx] = 0.0
-            if getattr(layer, "bias", None) is not None:
-                layer.bias[idx] = 0.0
-            if name in bn_of:
-                bn = mods[bn_of[name]]
-                bn.weight[idx] = 0.0
-                bn.bias[idx] = 0.0
-            killed += k
-    return killed
+    dead = {}
+    for name in layer_names:
+        n_out = mods[name].weight.shape[0]
+        dead[name] = torch.randperm(n_out, generator=gen)[: round(fraction * n_out)]
+    kill_filters(model, dead)
+    return sum(int(idx.numel()) for idx in dead.values())
 
 
 def macs_of(model: nn.Module, x: torch.Tensor) -> int:
@@ -127,7 +114,7 @@ def bench_model(
     if size is not None:
         shape = size
     dense.eval()
-    killed = kill_filters(dense, layers, fraction, seed)
+    killed = kill_random_filters(dense, layers, fraction, seed)
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
     example = x[:1]
 

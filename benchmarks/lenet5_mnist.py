@@ -71,7 +71,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_mnist(data_dir: Path, val_size: int = 5000, seed: int = 0) -> dict[str, TensorDataset]:
     """MNIST as normalised tensors, read straight from the raw ``.gz`` files (the folder may be
-    read-only): ``train`` (60,000 - val_size), ``val`` (val_size, seeded) and ``test`` (10,000)."""
+    read-only): ``train`` (60,000 - val_size), ``val`` (val_size, seeded) and ``test`` (10,000).
+    """
     raw = Path(data_dir) / "MNIST" / "raw"
 
     def pair(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +184,8 @@ def _torch_pruning_regularizer(pruner: Any) -> Any:
 
 def _schedule(value: Any) -> Any:
     """A YAML strength ``{value: v, until_epoch: k}`` -> ``epoch -> v if epoch < k else 0``;
-    ``{value: v, from_epoch: k}`` -> ``0`` before epoch ``k``; anything else unchanged."""
+    ``{value: v, from_epoch: k}`` -> ``0`` before epoch ``k``; anything else unchanged.
+    """
     if not isinstance(value, dict) or "value" not in value:
         return value
     v, start = float(value["value"]), int(value.get("from_epoch", 0))
@@ -210,7 +212,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def build_callbacks(cfg: dict[str, Any], model: nn.Module, epochs: int) -> list[Any]:
     """Our callbacks from ``cfg['callbacks']`` (``{class, init_args}`` entries) and Lightning's
-    ``ModelPruning`` from ``cfg['model_pruning']``."""
+    ``ModelPruning`` from ``cfg['model_pruning']``.
+    """
     import lightning_sparsity
 
     callbacks: list[Any] = []
@@ -268,7 +271,8 @@ def _module(model: nn.Module, cfg: dict[str, Any], epochs: int) -> Any:
 def _zero_bias_of_dead_filters(model: nn.Module) -> None:
     """Masking tools zero weights only: give a filter whose weights are all zero a zero bias too,
     as FilterThresholding does, so that prune_model may remove it (changes the function; the
-    accuracy reported is the exported model's, measured after this)."""
+    accuracy reported is the exported model's, measured after this).
+    """
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
@@ -420,7 +424,8 @@ def _tp_prune_to(pruner: Any, model: nn.Module, example: torch.Tensor, target: i
 # ------------------------------------------------------------------------------------- main
 def _tp_target_from(results: dict[str, Any]) -> int | None:
     """Parameter count of our best method: the smallest at >= 99.0% accuracy, else the most
-    accurate."""
+    accurate.
+    """
     ours = {
         k: v
         for k, v in results.get("methods", {}).items()

@@ -98,7 +98,8 @@ class StepTimer(pl.Callback):
 
 class TorchPruningRegularize(pl.Callback):
     """Torch-Pruning's sparse training step at the place its examples call it (after backward,
-    before ``optimizer.step``)."""
+    before ``optimizer.step``).
+    """
 
     def __init__(self, pruner: Any) -> None:
         self.pruner = pruner

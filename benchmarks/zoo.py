@@ -134,10 +134,15 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 @torch.no_grad()
-def kill(
+def kill(  # noqa: C901 (one pass: hooks find each conv's norm, then kill; zoo models need hooks)
     model: nn.Module, inputs: tuple[Any, ...], fraction: float, seed: int
 ) -> dict[str, set[int]]:
-    """Make ``fraction`` of every conv's output channels dead; returns them per conv."""
+    """Make ``fraction`` of every conv's output channels dead; returns them per conv.
+
+    Not :func:`lightning_sparsity.pruning.masks.kill_filters`: that finds each layer's norm with a
+    ``torch.fx`` trace of the whole model, which many zoo models do not allow; forward hooks
+    find it on any model.
+    """
     convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
     produced: dict[int, nn.Module] = {}
     norm_of: dict[nn.Module, nn.Module] = {}

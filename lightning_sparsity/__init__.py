@@ -1,5 +1,6 @@
-"""lightning-sparsity: train CNNs to exact filter sparsity with Lightning callbacks, then export a
-physically smaller model whose outputs equal the trained one's.
+"""lightning-sparsity: train CNNs to exact filter sparsity with Lightning callbacks.
+
+Then export a physically smaller model whose outputs equal the trained one's.
 
 Public names are imported lazily, so ``import lightning_sparsity`` stays cheap and never imports
 torchvision (only :mod:`lightning_sparsity.data` and the examples do).

@@ -1,5 +1,7 @@
-"""Pruned Lightning checkpoints: a mixin that reshapes a LightningModule to the widths stored in a
-checkpoint before Lightning loads the weights, and the writer of such a checkpoint.
+"""Pruned Lightning checkpoints: a loading mixin, and the writer of such a checkpoint.
+
+The mixin reshapes a LightningModule to the widths stored in a checkpoint before Lightning loads the
+weights.
 
 Lightning calls ``LightningModule.on_load_checkpoint(checkpoint)`` after building the module from
 its hyper-parameters and *before* ``load_state_dict``; that is the one place where a freshly built,
@@ -17,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
 
 from lightning_sparsity.pruning.serialization import (
     WIDTHS_KEY,
@@ -81,11 +84,13 @@ class PrunedCheckpointMixin(pl.LightningModule):
         weights_only: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Lightning's ``load_from_checkpoint`` with ``torch.load(weights_only=True)`` unless
-        ``weights_only=False`` is passed explicitly (only for a file you trust): the environment
-        variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn the protection off. A file that
+        """Lightning's ``load_from_checkpoint``, with ``torch.load(weights_only=True)`` by default.
+
+        Only ``weights_only=False`` passed explicitly (for a file you trust) turns the protection
+        off: the environment variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot. A file that
         ``torch.load`` refuses (pickled code, truncated, not a checkpoint) raises a ValueError
-        naming it; no code from it ran."""
+        naming it; no code from it ran.
+        """
         safe = True if weights_only is None else weights_only
         try:
             return super().load_from_checkpoint(
@@ -110,11 +115,15 @@ class PrunedCheckpointMixin(pl.LightningModule):
                 "pickled code; it was not executed"
             ) from err
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also store the module's widths, so that loading can reshape a fresh module."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[WIDTHS_KEY] = describe_widths(self, getattr(self, "_pruned_inputs", None))
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reshape this module to the checkpoint's pruned widths before Lightning loads weights."""
         widths = checkpoint.get(WIDTHS_KEY)
         trainer = getattr(self, "_trainer", None)
         fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
@@ -147,8 +156,10 @@ class PrunedCheckpointMixin(pl.LightningModule):
 
 
 def _raised_by_torch_load(err: BaseException) -> bool:
-    """Whether ``err`` came out of ``torch.load`` (reading the file), not out of building or
-    loading the module afterwards."""
+    """Whether ``err`` came out of ``torch.load`` (reading the file).
+
+    That is, not out of building or loading the module afterwards.
+    """
     serialization = os.path.join("torch", "serialization.py")
     return any(
         frame.f_code.co_filename.endswith(serialization)
@@ -183,12 +194,14 @@ def pruned_checkpoint(
     metadata: dict[str, Any] | None = None,
     inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A Lightning checkpoint dict for a pruned ``module``: ``state_dict`` (CPU tensors),
-    ``hyper_parameters`` (plain ones only), ``pytorch-lightning_version``, ``epoch``,
-    ``global_step``, ``pruned_widths`` and ``pruned_metadata``; no optimizer or loop state and no
-    pickled class. The module's own ``on_save_checkpoint`` is not called (it may need a Trainer).
-    ``inputs`` (:func:`~lightning_sparsity.pruning.widths.describe_inputs`) lets loading check
-    with a forward pass that coupled widths agree.
+    """A Lightning checkpoint dict for a pruned ``module``.
+
+    It holds ``state_dict`` (CPU tensors), ``hyper_parameters`` (plain ones only),
+    ``pytorch-lightning_version``, ``epoch``, ``global_step``, ``pruned_widths`` and
+    ``pruned_metadata``; no optimizer or loop state and no pickled class. The module's own
+    ``on_save_checkpoint`` is not called (it may need a Trainer). ``inputs``
+    (:func:`~lightning_sparsity.pruning.widths.describe_inputs`) lets loading check with a forward
+    pass that coupled widths agree.
     """
     checkpoint: dict[str, Any] = {
         "epoch": int(epoch),
@@ -216,8 +229,10 @@ def save_pruned_checkpoint(
     global_step: int = 0,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write :func:`pruned_checkpoint` of ``module`` to ``path`` atomically, after checking that
-    the temporary file opens with ``torch.load(weights_only=True)`` as a pruned checkpoint.
+    """Write :func:`pruned_checkpoint` of ``module`` to ``path`` atomically.
+
+    That is done after checking that the temporary file opens with ``torch.load(weights_only=True)``
+    as a pruned checkpoint.
 
     Load it with ``MyModule.load_from_checkpoint(path)`` (``MyModule`` mixes in
     :class:`PrunedCheckpointMixin`) or ``load_pruned(path, MyModule(...))``.

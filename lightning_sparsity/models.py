@@ -25,8 +25,10 @@ VGG16_CFG: tuple[int | str, ...] = (
 
 
 class LeNet5Caffe(nn.Module):
-    """LeNet-5-Caffe for 1x28x28 inputs: conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500,
-    fc 500->10 (431,080 parameters, 2.293M multiply-accumulates).
+    """LeNet-5-Caffe for 1x28x28 inputs.
+
+    Layers: conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, fc 500->10 (431,080
+    parameters, 2.293M multiply-accumulates).
 
     Caffe's prototxt has a ReLU after ``fc1`` only. Like the PyTorch ports used by the papers this
     library compares against (Louizos et al. 2018's L0 code, Bui et al. 2019), a ReLU also follows
@@ -62,13 +64,16 @@ class LeNet5Caffe(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of 28x28 images with ``in_channels`` channels."""
         return self.classifier(self.features(x))
 
 
 class VGG16CIFAR(nn.Module):
-    """VGG-16 for 3x32x32 inputs in the variant of Li et al. 2017 ("Pruning Filters for Efficient
-    ConvNets"), i.e. Zagoruyko's cifar.torch ``vgg_bn_drop``: 13 conv3x3 (bias) + BatchNorm + ReLU,
-    then a 512-512-10 classifier ``Linear(512, 512) -> BatchNorm1d -> ReLU -> Linear(512, 10)``.
+    """VGG-16 for 3x32x32 inputs in the variant of Li et al. 2017.
+
+    Li et al. 2017 is "Pruning Filters for Efficient ConvNets"; the variant is Zagoruyko's
+    cifar.torch ``vgg_bn_drop``: 13 conv3x3 (bias) + BatchNorm + ReLU, then a 512-512-10 classifier
+    ``Linear(512, 512) -> BatchNorm1d -> ReLU -> Linear(512, 10)``.
 
     That classifier has two Linear layers, not three: with them the conv and linear weights and
     biases sum to 14,982,474 and a 32x32 image costs 313.46M multiply-accumulates, Li et al.'s
@@ -112,6 +117,7 @@ class VGG16CIFAR(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of 3x32x32 images."""
         return self.classifier(self.features(x))
 
 
@@ -137,6 +143,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output: ReLU of the residual branch plus the shortcut."""
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out = out + self.shortcut(x)
@@ -144,10 +151,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCIFAR(nn.Module):
-    """ResNet for CIFAR (He et al. 2016, section 4.2): a 3x3 conv with 16 filters, three stages of
-    ``n = (depth - 2) / 6`` basic blocks with 16, 32 and 64 filters (stride 2 at the first block of
-    the 2nd and 3rd stage), global average pooling and a Linear classifier. ResNet-20 has about
-    0.27M parameters, ResNet-56 about 0.85M.
+    """ResNet for CIFAR (He et al. 2016, section 4.2).
+
+    A 3x3 conv with 16 filters, three stages of ``n = (depth - 2) / 6`` basic blocks with 16, 32 and
+    64 filters (stride 2 at the first block of the 2nd and 3rd stage), global average pooling and a
+    Linear classifier. ResNet-20 has about 0.27M parameters, ResNet-56 about 0.85M.
 
     Args:
         depth: 6n + 2 (20, 32, 44, 56, 110, ...).
@@ -188,6 +196,7 @@ class ResNetCIFAR(nn.Module):
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of 3x32x32 images."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.fc(self.flatten(self.pool(out)))
@@ -214,6 +223,7 @@ class WideBasicBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output: the residual branch plus the shortcut (no final activation)."""
         pre = self.relu1(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
@@ -224,9 +234,11 @@ class WideBasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k (Zagoruyko & Komodakis 2016) for CIFAR: a 3x3 conv with 16 filters, three groups of
-    ``n = (d - 4) / 6`` pre-activation blocks with 16k, 32k, 64k filters, BN-ReLU, global average
-    pooling and a Linear classifier. WRN-28-10 has about 36.5M parameters.
+    """WRN-d-k (Zagoruyko & Komodakis 2016) for CIFAR.
+
+    A 3x3 conv with 16 filters, three groups of ``n = (d - 4) / 6`` pre-activation blocks with 16k,
+    32k, 64k filters, BN-ReLU, global average pooling and a Linear classifier. WRN-28-10 has about
+    36.5M parameters.
 
     Args:
         depth: 6n + 4 (16, 22, 28, 40, ...).
@@ -276,6 +288,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(in_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of 3x32x32 images."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = self.relu(self.bn(out))
         return self.fc(self.flatten(self.pool(out)))

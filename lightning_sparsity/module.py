@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lightning_sparsity.checkpoint import PrunedCheckpointMixin
 from lightning_sparsity.models import available_models, build_model
@@ -129,6 +130,7 @@ class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
                 "`nesterov=True` only with `optimizer='sgd'` and `momentum` > 0",
             )
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -139,6 +141,7 @@ class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         loss, logits, y = self._step(batch)
         self.train_acc(logits, y)
@@ -146,18 +149,21 @@ class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
         self.val_acc(logits, y)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
         self.test_acc(logits, y)
         self.log("test/loss", loss)
         self.log("test/acc", self.test_acc)
 
+    @override
     def configure_optimizers(self) -> Any:
         params = self.parameters()
         optimizer: torch.optim.Optimizer

@@ -33,25 +33,23 @@ def select_layers(
 ) -> list[PrunableLayer]:
     """Select the prunable layers of ``model``.
 
-        Args:
-            model: the network.
-            layers: ``None`` for every Conv/Linear layer; a sequence of qualified module names; or a
-                predicate ``(name, module) -> bool`` applied to the Conv/Linear layers.
-            owner: the caller's name, used in error messages (e.g. ``"SparsityRegularizer"``).
+    Args:
+        model: the network.
+        layers: ``None`` for every Conv/Linear layer; a sequence of qualified module names; or a
+            predicate ``(name, module) -> bool`` applied to the Conv/Linear layers.
+        owner: the caller's name, used in error messages (e.g. ``"SparsityRegularizer"``).
 
-        Raises:
-            ValueError: a name that does not exist (the available ones are listed), or that names a
-                layer of an unsupported type.
-            TypeError: ``layers`` of the wrong type.
+    Raises:
+        ValueError: a name that does not exist (the available ones are listed), or that names a
+            layer of an unsupported type.
+        TypeError: ``layers`` of the wrong type.
 
-        Example::
+    Example::
 
-            >>> from torch import nn
-
-    from lightning_sparsity.functional.groups import check_granularity, check_weight
-            >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10))
-            >>> [(layer.name, layer.is_output) for layer in select_layers(net)]
-            [('0', False), ('3', True)]
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10))
+        >>> [(layer.name, layer.is_output) for layer in select_layers(net)]
+        [('0', False), ('3', True)]
     """
     available = {
         name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)

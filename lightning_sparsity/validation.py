@@ -1,6 +1,6 @@
-"""Argument checks with one message template, shared by every public entry point.
+r"""Argument checks with one message template, shared by every public entry point.
 
-Every error reads ``\\`Owner(arg=value)\\`: expected <what>, got <what came>. HINT: <the fix>``: it
+Every error reads ``\`Owner(arg=value)\`: expected <what>, got <what came>. HINT: <the fix>``: it
 names the callable, the argument, the value, what was expected and, where one exists, the fix.
 No Lightning import (the functional and pruning layers use it too).
 
@@ -36,7 +36,7 @@ def describe(value: Any) -> Any:
 def message(
     owner: str, arg: str, value: Any, expected: str, got: Any = None, hint: str = ""
 ) -> str:
-    """The one error message: ``\\`owner(arg=value)\\`: expected ..., got .... HINT: ...``.
+    r"""The one error message: ``\`owner(arg=value)\`: expected ..., got .... HINT: ...``.
 
     ``got`` defaults to ``repr(value)``; ``hint`` is appended after ``HINT:`` when given.
     """

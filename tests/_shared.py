@@ -20,7 +20,8 @@ class Net(nn.Module):
     """conv1 -> BN -> leaky, conv2 (bias, no BN) -> leaky, fc (the output layer), on 1x8x8.
 
     Leaky ReLUs keep gradients flowing into dead channels, so a dead filter *would* revive if the
-    masks were not re-applied."""
+    masks were not re-applied.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,7 +38,8 @@ class Net(nn.Module):
 
 class GroupedNet(nn.Module):
     """conv-BN-ReLU, depthwise conv, grouped 1x1 conv-BN-ReLU, pool, flatten, Linear,
-    (LayerNorm,) ReLU, Linear: the coupled layers a width file must get right, on 3x8x8."""
+    (LayerNorm,) ReLU, Linear: the coupled layers a width file must get right, on 3x8x8.
+    """
 
     def __init__(
         self,
@@ -74,7 +76,8 @@ def dataset(n: int = 32, classes: int = 3, seed: int = 1) -> TensorDataset:
 
 def make_optimizer(name: str, params: Any, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
     """``"sgd"`` (momentum 0.9), ``"adam"``, ``"adamw"``, ``"rmsprop"``; ``kwargs`` such as
-    ``fused=True`` or ``foreach=False`` go to the optimizer."""
+    ``fused=True`` or ``foreach=False`` go to the optimizer.
+    """
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kwargs})
     if name == "adam":

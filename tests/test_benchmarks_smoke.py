@@ -50,14 +50,17 @@ def test_lenet5_quick_dense_and_model_pruning(data_root: Path, tmp_path: Path) -
     assert dense["params"] == dense["dense_params"] == 431_080
     assert dense["widths"] == {"conv1": 20, "conv2": 50, "fc1_in": 800, "fc2_in": 500}
     assert 0.0 <= dense["accuracy"] <= 1.0
-    assert dense["curve"] and dense["curve"][0]["conv1"] == 20
+    assert dense["curve"]
+    assert dense["curve"][0]["conv1"] == 20
     masked = data["methods"]["lightning_model_pruning"]
     # ModelPruning killed 80% of conv1/conv2/fc1 units after the only epoch: the export is smaller
-    assert masked["widths"]["conv1"] == 4 and masked["widths"]["conv2"] == 10
+    assert masked["widths"]["conv1"] == 4
+    assert masked["widths"]["conv2"] == 10
     assert masked["params"] < dense["params"]
     assert masked["curve"][-1]["conv1"] == 4
     md = (tmp_path / "lenet5_mnist.md").read_text()
-    assert "| dense (quick) |" in md and "BC-GHS" in md
+    assert "| dense (quick) |" in md
+    assert "BC-GHS" in md
     assert (tmp_path / "lenet5_mnist.png").stat().st_size > 0
 
 
@@ -91,7 +94,8 @@ def test_export_speed_quick(tmp_path: Path) -> None:
         assert r["max_abs_output_diff"] < 1e-3  # the export is exact
         # the reported ratios are those of the reported medians (timing itself is not tested)
         lat = r["eager_latency_s"]
-        assert lat["dense"] > 0 and lat["pruned"] > 0
+        assert lat["dense"] > 0
+        assert lat["pruned"] > 0
         assert r["eager_speedup"] == pytest.approx(lat["dense"] / lat["pruned"], rel=2e-3)
         for key in ("dense", "pruned"):
             times = sorted(r["eager_times_s"][key])
@@ -103,13 +107,15 @@ def test_export_speed_quick(tmp_path: Path) -> None:
     ort = vgg["onnxruntime_latency_s"]
     assert vgg["onnxruntime_speedup"] == pytest.approx(ort["dense"] / ort["pruned"], rel=2e-3)
     md = (tmp_path / "export_speed.md").read_text()
-    assert "| vgg16 |" in md and "| resnet50 |" in md
+    assert "| vgg16 |" in md
+    assert "| resnet50 |" in md
 
 
 def test_overhead_quick(tmp_path: Path) -> None:
     _run("overhead.py", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "overhead.json").read_text())
-    assert data["quick"] is True and data["machine"]["torch"]
+    assert data["quick"] is True
+    assert data["machine"]["torch"]
     configs = data["models"]["lenet5"]["configs"]
     expected = {
         "plain",
@@ -122,10 +128,13 @@ def test_overhead_quick(tmp_path: Path) -> None:
         "splitting",
     }
     assert expected <= set(configs)
-    assert configs["plain"]["ratio"] == 1.0 and configs["plain"]["hook_median_ms"] == 0.0
+    assert configs["plain"]["ratio"] == 1.0
+    assert configs["plain"]["hook_median_ms"] == 0.0
     for name, record in configs.items():
-        assert record["steps_timed"] >= 1 and record["median_ms"] > 0, name
+        assert record["steps_timed"] >= 1, name
+        assert record["median_ms"] > 0, name
         if name != "plain":
             assert record["hook_median_ms"] > 0, name  # the callback's hooks really ran
     md = (tmp_path / "overhead.md").read_text()
-    assert "| plain |" in md and "| regularizer l1_l2 |" in md
+    assert "| plain |" in md
+    assert "| regularizer l1_l2 |" in md

@@ -97,7 +97,8 @@ def test_every_permutation_runs_the_phases_in_one_order(monkeypatch: pytest.Monk
     assert ends.index("FilterThresholding") < ends.index("VariableSplitting")
     assert ends.index("VariableSplitting") < ends.index("SparsityMonitor")
     final = [name for phase, name in sequence if phase == "train_end"]
-    assert final[0] == "VariableSplitting" and final[-1] == "PrunedExport"
+    assert final[0] == "VariableSplitting"
+    assert final[-1] == "PrunedExport"
     assert final.index("FilterThresholding") < final.index("PrunedExport")
 
 
@@ -147,7 +148,9 @@ def fit_in_order(tmp_path: Path, order: list[int]) -> dict[str, Any]:
 
 def assert_identical(a: Any, b: Any) -> None:
     if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        assert isinstance(b, Tensor)
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
@@ -174,7 +177,8 @@ def test_permutations_of_six_callbacks_give_identical_runs(tmp_path: Path) -> No
 
 def test_export_placed_before_splitting_exports_u(tmp_path: Path) -> None:
     """``[PrunedExport, VariableSplitting]``: ``W = U`` still happens first, so the exported
-    network computes what the final (projected) model computes."""
+    network computes what the final (projected) model computes.
+    """
     torch.manual_seed(0)
     split = VariableSplitting(5e-2, beta=1.0)
     export = PrunedExport(dirpath=tmp_path, formats=("pt",), allow_unchanged=True)
@@ -234,7 +238,7 @@ def test_checkpoints_hold_u_and_resume_restores_w(tmp_path: Path) -> None:
 
 
 def test_splitting_schedule_ending_at_zero_keeps_the_l0_sparsity(tmp_path: Path) -> None:
-    """lambda > 0 in epoch 0, then 0 (a fine-tuning phase): the final W = U keeps the support."""
+    """Lambda > 0 in epoch 0, then 0 (a fine-tuning phase): the final W = U keeps the support."""
     torch.manual_seed(0)
     split = VariableSplitting(lambda epoch: 5e-2 if epoch == 0 else 0.0, beta=1.0)
     supports: list[dict[str, Tensor]] = []

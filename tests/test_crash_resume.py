@@ -53,7 +53,8 @@ TIMEOUT = 240.0
 
 def _script() -> Any:
     spec = importlib.util.spec_from_file_location("crash_resume", SCRIPTS / "crash_resume.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["crash_resume"] = module
     spec.loader.exec_module(module)
@@ -173,10 +174,13 @@ def _step_fields(line: str) -> tuple[int, int, int, int, float, float, int]:
 def test_each_kill_happened_mid_epoch_after_thresholding(crashes: dict[str, Any]) -> None:
     assert crashes["blocked_a"] == "BLOCKED 21"
     gs, epoch, batch, *_, rounds = _step_fields(crashes["steps_a"][-1])
-    assert (gs, epoch, batch) == (21, 2, 4) and rounds == 2  # two thresholding rounds done
-    assert crashes["ckpt_a"]["global_step"] == 20 and crashes["ckpt_a"]["epoch"] == 2
+    assert (gs, epoch, batch) == (21, 2, 4)
+    assert rounds == 2
+    assert crashes["ckpt_a"]["global_step"] == 20
+    assert crashes["ckpt_a"]["epoch"] == 2
     assert crashes["blocked_b"] == "BLOCKED 37"
-    assert crashes["ckpt_b"]["global_step"] == 36 and crashes["ckpt_b"]["epoch"] == 4
+    assert crashes["ckpt_b"]["global_step"] == 36
+    assert crashes["ckpt_b"]["epoch"] == 4
     assert crashes["blocked_c"].startswith("EXPORT_BLOCKED .pruned.")
 
 
@@ -253,14 +257,18 @@ def test_final_export_equals_the_uninterrupted_run(crashes: dict[str, Any]) -> N
 
 
 def test_no_half_written_file(crashes: dict[str, Any]) -> None:
-    assert crashes["tmp_after_a"] == [] and crashes["tmp_after_b"] == []
+    assert crashes["tmp_after_a"] == []
+    assert crashes["tmp_after_b"] == []
     # killed half-way through the .pt export: the .ckpt export before it is complete, the .pt
     # name does not exist, only the hidden temporary file is left
     after_c = crashes["export_after_c"]
-    assert "pruned.ckpt" in after_c and "pruned.pt" not in after_c
+    assert "pruned.ckpt" in after_c
+    assert "pruned.pt" not in after_c
     leftovers = [n for n in after_c if n != "pruned.ckpt"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".pruned.")
-    assert ".tmp" in leftovers[0] and leftovers[0].endswith(".pt")
+    assert len(leftovers) == 1
+    assert leftovers[0].startswith(".pruned.")
+    assert ".tmp" in leftovers[0]
+    assert leftovers[0].endswith(".pt")
     # every file that carries an export's name opens and loads completely
     export = crashes["out"] / "export"
     for name in ("pruned.ckpt", "pruned.pt"):
@@ -270,8 +278,10 @@ def test_no_half_written_file(crashes: dict[str, Any]) -> None:
 
 def test_report_numbers(crashes: dict[str, Any]) -> None:
     """The figures the docs quote (printed with ``-s``): three SIGKILLs survived, two in the middle
-    of an epoch (8 steps each) and one during the export."""
-    assert crashes["blocked_a"].startswith("BLOCKED") and crashes["blocked_b"].startswith("BLOCKED")
+    of an epoch (8 steps each) and one during the export.
+    """
+    assert crashes["blocked_a"].startswith("BLOCKED")
+    assert crashes["blocked_b"].startswith("BLOCKED")
     assert crashes["blocked_c"].startswith("EXPORT_BLOCKED")
     for phase in ("a", "b"):
         last = _step_fields(crashes[f"steps_{phase}"][-1])[0]

@@ -45,7 +45,8 @@ LAYERS = ("conv1", "conv2", "fc1")
 
 def _load_script(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -81,7 +82,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output[-4000:]
-    assert "DDP_DONE rank=0" in output and "DDP_DONE rank=1" in output, output[-4000:]
+    assert "DDP_DONE rank=0" in output, output[-4000:]
+    assert "DDP_DONE rank=1" in output, output[-4000:]
     ddp = torch.load(ddp_dir / "result.pt", weights_only=True)
     return {
         "ddp": ddp,
@@ -100,7 +102,8 @@ def test_two_ranks_ran(runs: dict[str, Any]) -> None:
     assert len(r0["seen"]) == len(r1["seen"]) == steps
     # each rank trained on half of every global batch, the halves disjoint
     for a, b in zip(r0["seen"], r1["seen"]):
-        assert len(a) == len(b) == 16 and not set(a) & set(b)
+        assert len(a) == len(b) == 16
+        assert not set(a) & set(b)
 
 
 def _epochs() -> int:
@@ -149,7 +152,8 @@ def test_masks_agree_across_ranks_every_epoch(runs: dict[str, Any]) -> None:
 def test_thresholding_decision_is_rank_zeros_and_shared(runs: dict[str, Any]) -> None:
     """The criterion ranks filters oppositely on rank 1: taken locally, rank 1 would kill other
     filters. The masks still agree, and equal the single-process run's (where rank 0's criterion
-    decides): the decision is taken on rank 0 and broadcast."""
+    decides): the decision is taken on rank 0 and broadcast.
+    """
     r0, r1, one = *runs["ddp"], runs["single"]
     assert r0["rank_local_choices"] != r1["rank_local_choices"]
     key = "rank_thresholding/conv1"
@@ -217,7 +221,8 @@ def test_sharded_strategies_are_refused_with_a_clear_error(tmp_path: Path) -> No
     """FSDP cannot run on CPU (Lightning: "requires a GPU accelerator"; torch: "FSDP needs a
     non-CPU accelerator device"), but a subclass of ``FSDPStrategy`` passes Lightning's check and
     reaches the callbacks' ``setup``, which runs before the strategy wraps the model: each callback
-    refuses there, naming the strategy and the fix, before anything is sharded."""
+    refuses there, naming the strategy and the fix, before anything is sharded.
+    """
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -250,7 +255,8 @@ def test_sharded_strategies_are_refused_with_a_clear_error(tmp_path: Path) -> No
 
 def test_the_sharding_check_knows_each_strategy() -> None:
     """The check behind the refusal, on Lightning's own strategy classes (instances made without
-    ``__init__`` where it needs packages or devices this machine lacks)."""
+    ``__init__`` where it needs packages or devices this machine lacks).
+    """
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import (

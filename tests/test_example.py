@@ -88,11 +88,13 @@ def test_main_job_from_a_yaml_config(data_root: Path, tmp_path: Path) -> None:
     stdout = run("--config", str(path), *FAST)
     assert re.search(r"test accuracy: \d\.\d{4}", stdout), stdout
     # the YAML's list replaced the default one: no PrunedExport, so no pruned model is tested
-    assert "tested weights: last epoch" in stdout and "pruned test accuracy" not in stdout
+    assert "tested weights: last epoch" in stdout
+    assert "pruned test accuracy" not in stdout
 
     (log_dir,) = (out / "tb").glob("version_*")
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["optimizer"] == "sgd" and saved["model"]["lr"] == 0.05
+    assert saved["model"]["optimizer"] == "sgd"
+    assert saved["model"]["lr"] == 0.05
     assert saved["data"]["batch_size"] == 50
     assert saved["trainer"]["callbacks"] == []
     assert "val/acc" in scalars(log_dir)

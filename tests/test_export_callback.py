@@ -1,5 +1,6 @@
 """PrunedExport in a real Trainer: a tiny conv net whose filters are killed by hand while it trains,
-exported to every format; each file's outputs equal the trained network's."""
+exported to every format; each file's outputs equal the trained network's.
+"""
 
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ def test_ckpt_loads_with_load_from_checkpoint_and_equals_the_trained_network(
     path = exported["export"].paths["ckpt"]
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["hyper_parameters"] == {"lr": 0.05}
-    assert "pytorch-lightning_version" in ckpt and ckpt["global_step"] == 3
+    assert "pytorch-lightning_version" in ckpt
+    assert ckpt["global_step"] == 3
     loaded = LitTiny.load_from_checkpoint(path).eval()
     net = loaded.model
     assert (net.conv1.out_channels, net.bn1.num_features, net.conv2.in_channels) == (3, 3, 3)
@@ -192,7 +194,8 @@ def test_pt_pt2_and_onnx_equal_the_trained_network(exported: dict[str, Any]) -> 
 
 def test_report_is_exposed(exported: dict[str, Any]) -> None:
     report = exported["export"].report
-    assert report is not None and "conv1" in str(report)
+    assert report is not None
+    assert "conv1" in str(report)
     assert isinstance(report.to_dict(), dict)
 
 
@@ -202,7 +205,8 @@ def test_loaded_checkpoint_fine_tunes_and_its_checkpoints_resume(
     loaded = LitTiny.load_from_checkpoint(exported["export"].paths["ckpt"])
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ft", save_last=True)
     trainer(tmp_path, [ckpt_cb], enable_checkpointing=True).fit(loaded, loader())
-    assert loaded.model.conv1.out_channels == 3 and loaded.global_step == 3
+    assert loaded.model.conv1.out_channels == 3
+    assert loaded.global_step == 3
     last = tmp_path / "ft" / "last.ckpt"
     saved = torch.load(last, weights_only=False)["pruned_widths"]
     assert saved["modules"] == describe_widths(loaded)["modules"]
@@ -214,7 +218,8 @@ def test_loaded_checkpoint_fine_tunes_and_its_checkpoints_resume(
     fresh = LitTiny()
     t = trainer(tmp_path, [], max_epochs=2)
     t.fit(fresh, loader(), ckpt_path=last)
-    assert fresh.model.conv1.out_channels == 3 and t.global_step == 6
+    assert fresh.model.conv1.out_channels == 3
+    assert t.global_step == 6
 
 
 def test_logs_the_report_to_the_logger(tmp_path: Path) -> None:
@@ -235,7 +240,8 @@ def test_logs_the_report_to_the_logger(tmp_path: Path) -> None:
     }
     for tag, value in expected.items():
         (event,) = events.Scalars(tag)
-        assert event.value == pytest.approx(value, rel=1e-6) and event.step == 3
+        assert event.value == pytest.approx(value, rel=1e-6)
+        assert event.step == 3
     assert report.params_after < report.params_before
     assert "export/report/text_summary" in events.Tags()["tensors"]
 
@@ -372,7 +378,8 @@ def test_main_job_prints_kept_widths_parameters_and_macs(tmp_path: Path) -> None
     spec = importlib.util.spec_from_file_location(
         "lenet5_main_job", Path(__file__).resolve().parents[1] / "examples" / "lenet5_mnist.py"
     )
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     main_job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(main_job)
 
@@ -394,4 +401,5 @@ def test_main_job_prints_kept_widths_parameters_and_macs(tmp_path: Path) -> None
     assert "kept widths: features.0 20->20, features.3 50->10, classifier.1 500->500" in text
     assert f"parameters: 431,080 -> {export.report.params_after:,}" in text
     assert export.report.params_after == 431_080 - 40 * (20 * 25 + 1) - 40 * 16 * 500
-    assert "MACs per example: 2,293,000 -> " in text and f"pt: {export.paths['pt']}" in text
+    assert "MACs per example: 2,293,000 -> " in text
+    assert f"pt: {export.paths['pt']}" in text

@@ -74,7 +74,8 @@ def test_group_norms_known_answer_and_zero_gradient() -> None:
     assert group_norms(w).tolist() == [3.0, 4.0]
     z = torch.zeros(3, 2, 3, 3, requires_grad=True)
     group_norms(z).sum().backward()
-    assert z.grad is not None and torch.equal(z.grad, torch.zeros_like(z))
+    assert z.grad is not None
+    assert torch.equal(z.grad, torch.zeros_like(z))
 
 
 def test_group_misconfiguration() -> None:
@@ -118,7 +119,9 @@ def test_penalties_finite_at_exact_zeros(fn) -> None:  # type: ignore[no-untyped
         w = w0.clone().requires_grad_(True)
         value = fn(w)
         value.backward()
-        assert torch.isfinite(value) and w.grad is not None and torch.isfinite(w.grad).all()
+        assert torch.isfinite(value)
+        assert w.grad is not None
+        assert torch.isfinite(w.grad).all()
         assert torch.equal(w.grad[0], torch.zeros_like(w.grad[0]))  # the zero group gets gradient 0
     assert l1_l2(torch.zeros(3, 4)).item() == 0.0
 
@@ -205,7 +208,8 @@ def test_group_maps_scalar_threshold() -> None:
     w[0, 0, 0, 0] = 0.01
     w[1] = 2.5  # norm 5
     hard = group_hard_threshold(w, 0.1)
-    assert torch.equal(hard[0], torch.zeros_like(w[0])) and torch.equal(hard[1], w[1])
+    assert torch.equal(hard[0], torch.zeros_like(w[0]))
+    assert torch.equal(hard[1], w[1])
     soft = group_soft_threshold(w, 1.0)
     assert torch.equal(soft[0], torch.zeros_like(w[0]))
     torch.testing.assert_close(soft[1], w[1] * 0.8)  # norm 5 -> 4
@@ -266,5 +270,6 @@ def test_group_soft_per_coordinate_zeroes_by_the_scaled_norm() -> None:
     t = torch.tensor([[1.0, 1.0], [10.0, 1.0]])
     out = group_soft_threshold(z, t, "filter")
     assert torch.equal(out[0], torch.zeros(2))  # ||z / t|| = 0.5 <= 1
-    assert (out[1] != 0).all() and out[1].norm() < 5  # ||z / t|| = sqrt(0.09 + 16) > 1
+    assert (out[1] != 0).all()
+    assert out[1].norm() < 5
     assert math.isclose(float(group_soft_threshold(z, t, "weight")[1, 1]), 3.0)

@@ -230,7 +230,8 @@ def test_hand_written_opcode_pickle_is_refused(
 
 def test_resume_with_ckpt_path_refuses_a_payload(tmp_path: Path) -> None:
     """``Trainer.fit(ckpt_path=...)`` is Lightning's loader: with torch's default
-    (``weights_only=True`` since torch 2.6) it refuses the payload too."""
+    (``weights_only=True`` since torch 2.6) it refuses the payload too.
+    """
     import lightning.pytorch as pl
 
     path = _write_evil(tmp_path, "ckpt", "os.system", "top", legacy=False)

@@ -1,5 +1,6 @@
 """The functional core on hand-built tensors, the deprecations, and the resume / first-batch checks
-of issue 12 (a house the next maintainer can live in)."""
+of issue 12 (a house the next maintainer can live in).
+"""
 
 from __future__ import annotations
 
@@ -93,17 +94,19 @@ def test_threshold_round_floor_and_order() -> None:
     w = torch.tensor([[1e-4, 0.0], [2.0, 0.0], [0.5, 0.0], [0.2, 0.0]])
     live = torch.ones(4, dtype=torch.bool)
     mask, wanted = threshold_round(w, live, threshold=1.0, min_filters=2)
-    assert mask.tolist() == [False, True, True, False] and wanted == 1  # strongest spared
+    assert mask.tolist() == [False, True, True, False]
+    assert wanted == 1
     mask, _ = threshold_round(w, live, criterion="l1", fraction=0.5)
     assert mask.tolist() == [False, True, True, False]
 
 
 def test_deprecated_names_warn_and_still_work() -> None:
     w = torch.tensor([[1.0, 0.1]])
-    with pytest.warns(DeprecationWarning, match="capped_l1_norms"):
-        from lightning_sparsity.functional.scores import capped_l1
+    from lightning_sparsity.functional.scores import capped_l1
 
-        assert torch.equal(capped_l1(w, 0.5), capped_l1_norms(w, 0.5))
+    with pytest.warns(DeprecationWarning, match="capped_l1_norms"):
+        old = capped_l1(w, 0.5)
+    assert torch.equal(old, capped_l1_norms(w, 0.5))
     with pytest.warns(DeprecationWarning, match=r"`ProximalSparsity\(norm=...\)` is deprecated"):
         prox = ProximalSparsity(1e-3, norm="l1")
     assert prox.penalty == prox.norm == "l1"
@@ -127,11 +130,13 @@ def test_kill_filters_and_pruned_size() -> None:
     example = (torch.randn(2, 1, 8, 8),)
     before = count_params(net)
     params, _ = pruned_size(net, {"0": torch.tensor([0, 3])}, example)
-    assert count_params(net) == before and net[0].weight.abs().sum() > 0  # not changed
+    assert count_params(net) == before
+    assert net[0].weight.abs().sum() > 0
     # two filters: 2 * (9 + 1) conv, 2 * 2 BN, 2 * 36 * 2 fc inputs
     assert before - params == 2 * 10 + 2 * 2 + 2 * 36 * 2
     kill_filters(net, {"0": [1]})
-    assert net[1].bias[1] == 0 and net[0].weight[1].abs().sum() == 0
+    assert net[1].bias[1] == 0
+    assert net[0].weight[1].abs().sum() == 0
     with pytest.raises(ValueError, match="expected layer names"):
         kill_filters(net, {"conv9": [0]})
 

@@ -200,7 +200,8 @@ def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
 def test_lenet_reference_counts(tmp_path: Path) -> None:
     """REFERENCES.md: dense LeNet-5-Caffe has 431,080 params and 2.293M MACs; with conv1 cut to 5
     filters, 26*5 + (25*5+1)*50 + 801*500 + 10*500 + 10 params and 14400*5 + 1600*5*50 + 800*500 +
-    10*500 MACs."""
+    10*500 MACs.
+    """
     network = LeNet5Caffe()
     with torch.no_grad():
         network.features[0].weight[5:] = 0.0

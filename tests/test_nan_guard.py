@@ -43,7 +43,8 @@ INJECT_AT = 2  # the third optimizer step of the first epoch
 
 class Injecting(rc.LitTiny):
     """Puts ``value`` into ``conv1.weight[0, 0, 0, 0]`` (mode "weight", before the forward of
-    step ``at``) or into its gradient (mode "grad", after that step's backward)."""
+    step ``at``) or into its gradient (mode "grad", after that step's backward).
+    """
 
     def __init__(self, mode: str, value: float, at: int = INJECT_AT) -> None:
         super().__init__()
@@ -123,7 +124,8 @@ def test_thresholding_refuses_and_keeps_its_masks(tmp_path: Path, mode: str, val
         _trainer(tmp_path, thresholding).fit(module, rc.loader(32))
     assert module.trainer.global_step == STEPS_PER_EPOCH  # at the first epoch end
     assert thresholding.rounds == 0
-    assert thresholding.masks and all(bool(m.all()) for m in thresholding.masks.values())
+    assert thresholding.masks
+    assert all(bool(m.all()) for m in thresholding.masks.values())
 
 
 @pytest.mark.parametrize(("mode", "value"), MODES)
@@ -140,7 +142,8 @@ def test_monitor_reports_the_layer_instead_of_counting_it_dead(
 
 class KillOneFilter(pl.Callback):
     """At the end of training, kill conv2's filter 0 (something to prune) and, if asked, leave a
-    NaN/inf in conv1."""
+    NaN/inf in conv1.
+    """
 
     def __init__(self, value: float | None) -> None:
         self.value = value
@@ -188,14 +191,16 @@ PENALTY_CASES = [
 @pytest.mark.parametrize(("name", "bad"), PENALTY_CASES)
 def test_penalty_values_do_not_hide_a_non_finite_weight(name: str, bad: str) -> None:
     """The functional penalties, alone and fused: a NaN/inf weight gives a non-finite value (the
-    callbacks' guard reads these values), never a finite one such as 0."""
+    callbacks' guard reads these values), never a finite one such as 0.
+    """
     from lightning_sparsity.functional.penalties import PENALTIES, penalty_and_grads
 
     w = torch.randn(4, 3, 3, 3)
     w[1, 0, 0, 0] = float(bad)
     kwargs: dict[str, Any] = {"cap": 0.5} if name == "capped_l1" else {}
     values, _ = penalty_and_grads(name, [w, torch.randn(2, 3)], ["filter", "filter"], **kwargs)
-    assert not bool(torch.isfinite(values[0])) and bool(torch.isfinite(values[1]))
+    assert not bool(torch.isfinite(values[0]))
+    assert bool(torch.isfinite(values[1]))
     if name == "l1":
         alone = PENALTIES[name](w)
     elif name == "capped_l1":

@@ -60,7 +60,8 @@ def precision_options(precision: str) -> dict[str, Any]:
 
 class Module(pl.LightningModule):
     """Net with an optional loss term, inf losses on chosen batches and a hook after each batch
-    (the LightningModule's ``on_train_batch_end`` runs after every callback's)."""
+    (the LightningModule's ``on_train_batch_end`` runs after every callback's).
+    """
 
     def __init__(
         self,
@@ -153,7 +154,8 @@ def case_id(case: tuple[Any, ...]) -> str:
 
 def assert_same_weights(a: nn.Module, b: nn.Module, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Every parameter but conv1's bias, which feeds a BatchNorm: its gradient is 0 up to rounding,
-    and Adam's normalised step turns that rounding noise into lr-sized moves."""
+    and Adam's normalised step turns that rounding noise into lr-sized moves.
+    """
     for (name, x), y in zip(a.named_parameters(), b.parameters()):
         if not name.endswith("conv1.bias"):
             torch.testing.assert_close(
@@ -166,7 +168,7 @@ def conv_weights(model: nn.Module) -> list[Tensor]:
 
 
 def group_lasso_by_hand(model: nn.Module) -> Tensor:
-    """sum over the conv filters of ||W_o||_2 (the output layer fc is skipped at "filter")."""
+    """Sum over the conv filters of ||W_o||_2 (the output layer fc is skipped at "filter")."""
     return sum(w.flatten(1).norm(dim=1).sum() for w in conv_weights(model)[:2])  # type: ignore[return-value]
 
 
@@ -202,7 +204,8 @@ def test_regularizer_equals_the_penalty_in_the_loss(tmp_path: Path, case: tuple[
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_fused_and_plain_move_the_weights_alike(tmp_path: Path, precision: str, name: str) -> None:
     """No data gradient: plain SGD moves every weight by exactly lr * lambda (the fused bug moved
-    it by lr * lambda / loss scale); Adam fused and plain agree."""
+    it by lr * lambda / loss scale); Adam fused and plain agree.
+    """
     runs = []
     for fused in (False, True):
         module = run(
@@ -276,7 +279,8 @@ def test_splitting_equals_the_method_written_by_hand(tmp_path: Path, case: tuple
 def eta_by_hand(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | float:
     """The per-coordinate step of the update just taken, from each optimizer's documented rule:
     SGD ``w -= lr g``; RMSprop ``w -= lr g / (sqrt(v) + eps)``; Adam(W)
-    ``w -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``, i.e. ``eta`` per unit of ``m``."""
+    ``w -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``, i.e. ``eta`` per unit of ``m``.
+    """
     group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
     state = optimizer.state[p]
     lr = group["lr"]

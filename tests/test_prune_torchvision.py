@@ -34,7 +34,8 @@ def _one_thread() -> None:  # the CPU is shared: one thread is faster than two f
 @dataclass
 class Kill:
     """Channels ``channels`` of ``rows[0]`` are killed; with them go the listed layers' rows
-    (output channels), norm channels and reader columns (``block`` columns per channel)."""
+    (output channels), norm channels and reader columns (``block`` columns per channel).
+    """
 
     channels: list[int]
     rows: list[str]
@@ -275,8 +276,9 @@ def squeezenet_kills(m: nn.Module) -> list[Kill]:
 
 
 def fast_vgg11_bn() -> nn.Module:
-    """torchvision's vgg11_bn, initialised once with uniform noise (its own init costs 3 passes
-    over 129M parameters on a shared CPU)."""
+    """Torchvision's vgg11_bn, initialised once with uniform noise (its own init costs 3 passes
+    over 129M parameters on a shared CPU).
+    """
     with torch.device("meta"):
         model = tvm.vgg11_bn(num_classes=10)
     model = model.to_empty(device="cpu")
@@ -447,7 +449,8 @@ def test_lenet5_report_matches_the_reference_formulas() -> None:
 
 def test_li_et_al_vgg16_widths_remove_64_0_percent_params_34_2_percent_flops() -> None:
     """REFERENCES.md: Li et al. 2017's VGG-16 widths reproduce 64.0% / 34.2% exactly under the
-    counting of conv + linear weights and biases (no BN) and MACs as FLOPs."""
+    counting of conv + linear weights and biases (no BN) and MACs as FLOPs.
+    """
     model = randomize(models.VGG16CIFAR())
     li = [32, 64, 128, 128, 256, 256, 256, 256, 256, 256, 256, 256, 256]
     convs = [n for n, x in model.named_modules() if isinstance(x, nn.Conv2d)]

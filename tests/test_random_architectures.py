@@ -311,7 +311,8 @@ class Oracle:
     def removable(self) -> set[int]:
         """Roots of the merged sets that can go: not pinned, and zero wherever a Conv/Linear reads
         them (a set's members that no layer reads, e.g. the input of a killed depthwise filter,
-        do not matter: removing them changes nothing downstream)."""
+        do not matter: removing them changes nothing downstream).
+        """
         roots = {self.uf.find(i) for ids in self.ids.values() for i in ids}
         ok = dict.fromkeys(roots, True)
         for i in self.pinned:
@@ -334,7 +335,8 @@ class Oracle:
 
     def widths(self, roots: set[int]) -> dict[str, tuple[int, int]]:
         """Layer -> (in, out) widths after removing the merged sets ``roots`` (a Linear's ``in``
-        counts features: ``h*w`` per flattened channel)."""
+        counts features: ``h*w`` per flattened channel).
+        """
         out = {}
         for name, lay in self.spec.layers.items():
             rin = sum(self.removed(self.reads[name], roots))
@@ -477,7 +479,8 @@ def check_case(case: Case) -> str:
     for name, lay in case.spec.layers.items():
         if lay.kind == "conv" and 1 < lay.groups < lay.cin:
             cin, cout = got[name]
-            assert cin % lay.groups == 0 and cout % lay.groups == 0
+            assert cin % lay.groups == 0
+            assert cout % lay.groups == 0
     assert _params(pruned) >= oracle.params(oracle.widths(roots))
     return "balanced"
 
@@ -497,7 +500,8 @@ def _prune_random_cnn(case: Case) -> None:
 
 def test_random_cnns_prune_exactly() -> None:
     """Every example checked; most (those where no grouped conv forces a balance) against the
-    exact widths and parameter count: 1,858 of 2,000 in a long run. Printed with ``-s``."""
+    exact widths and parameter count: 1,858 of 2,000 in a long run. Printed with ``-s``.
+    """
     COUNTS.update(exact=0, balanced=0)
     _prune_random_cnn()
     print(f"random architectures: {COUNTS}")
@@ -512,7 +516,8 @@ def test_oracle_counts_a_hand_built_case(dummy: int) -> None:
     residual conv(4->4) with filter 1 killed, then flatten + Linear(4*36 -> 3).
 
     Channel 1 is zero in both operands of the sum, channel 2 only in one: only channel 1 goes.
-    Params: conv 3x(1*9)+3 = 30, res conv 3x(3*9)+3 = 84, linear 3*(3*36)+3 = 327."""
+    Params: conv 3x(1*9)+3 = 30, res conv 3x(3*9)+3 = 84, linear 3*(3*36)+3 = 327.
+    """
     spec = Spec(1, 6)
     spec.layers = {
         "conv1": Layer("conv", 1, 4, 3, 1, True, 1),
@@ -556,7 +561,8 @@ def test_residual_with_the_input_keeps_the_sum_channels(kill: bool, pooled: bool
     """Regression (found by ``test_random_cnns_prune_exactly``): ``conv(x) + x`` on the model
     input raised UnsupportedOpError and called a live channel dead, because the input's
     ``TensorMetadata`` (a NamedTuple) was taken for a tuple of outputs, leaving the input without
-    a channel space. The sum's channels are the input's: they are kept, nothing fails."""
+    a channel space. The sum's channels are the input's: they are kept, nothing fails.
+    """
     torch.manual_seed(0)
     model = ResidualOnInput(2, pooled).eval()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """save_pruned / load_pruned, the widths description, pruned Lightning checkpoints (mixin), and
 the hostile files they must refuse. Pruned models are built by hand here: the same architecture
-constructed with smaller widths, weights randomised (BatchNorm statistics included)."""
+constructed with smaller widths, weights randomised (BatchNorm statistics included).
+"""
 
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ def test_dtype_is_kept_and_unchanged_layers_are_not_replaced(tmp_path: Path) -> 
     fresh = Net().double()
     fc1, fc2 = fresh.fc1, fresh.fc2
     load_pruned(path, fresh)
-    assert fresh.fc1 is not fc1 and fresh.fc1.in_features == 32
+    assert fresh.fc1 is not fc1
+    assert fresh.fc1.in_features == 32
     assert fresh.fc2 is fc2  # its width is unchanged: the same object stays in place
     assert all(p.dtype == torch.float64 for p in fresh.parameters())
 
@@ -274,7 +276,8 @@ def test_widths_or_tensors_that_do_not_fit_leave_the_model_untouched(
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=message) as info:
         load_pruned(path, fresh)
-    assert "bad.pt" in str(info.value) and "not modified" in str(info.value)
+    assert "bad.pt" in str(info.value)
+    assert "not modified" in str(info.value)
     assert_untouched(fresh, before)
 
 
@@ -400,7 +403,7 @@ def Net(c1: int = 8, c2: int = 12, hidden: int = 16, groups: int = 2) -> nn.Modu
 
 
 def test_written_files_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
-    """mkstemp makes 0600 files; Lightning's checkpoints are 0644 under the usual umask."""
+    """Mkstemp makes 0600 files; Lightning's checkpoints are 0644 under the usual umask."""
     old = os.umask(0o022)
     try:
         path = atomic_write(tmp_path / "f.pt", lambda tmp: tmp.write_bytes(b"x"))

@@ -17,12 +17,15 @@ def test_conv_keeps_rows_and_columns_and_leaves_the_original() -> None:
     conv = nn.Conv2d(4, 6, 3, bias=True).double()
     before = conv.weight.detach().clone()
     small = shrink(conv, keep_out=idx(5, 0, 2), keep_in=idx(1, 3))
-    assert small is not conv and isinstance(small, nn.Conv2d)
+    assert small is not conv
+    assert isinstance(small, nn.Conv2d)
     assert (small.in_channels, small.out_channels, small.weight.dtype) == (2, 3, torch.float64)
     torch.testing.assert_close(small.weight, conv.weight[[0, 2, 5]][:, [1, 3]])  # sorted order
     torch.testing.assert_close(small.bias, conv.bias[[0, 2, 5]])
-    assert torch.equal(conv.weight, before) and conv.out_channels == 6
-    assert small.weight.requires_grad and small.weight.data_ptr() != conv.weight.data_ptr()
+    assert torch.equal(conv.weight, before)
+    assert conv.out_channels == 6
+    assert small.weight.requires_grad
+    assert small.weight.data_ptr() != conv.weight.data_ptr()
 
 
 def test_grouped_conv_must_stay_balanced() -> None:
@@ -62,9 +65,11 @@ def test_batchnorm_keeps_running_statistics() -> None:
     bn.running_mean.uniform_()
     bn.num_batches_tracked += 7
     small = shrink(bn, keep_out=idx(1, 3))
-    assert small.num_features == 2 and int(small.num_batches_tracked) == 7
+    assert small.num_features == 2
+    assert int(small.num_batches_tracked) == 7
     torch.testing.assert_close(small.running_mean, bn.running_mean[[1, 3]])
-    assert isinstance(small.running_var, torch.Tensor) and small.running_var.shape == (2,)
+    assert isinstance(small.running_var, torch.Tensor)
+    assert small.running_var.shape == (2,)
     small.num_batches_tracked += 1  # not shared with the original
     assert int(bn.num_batches_tracked) == 7
 

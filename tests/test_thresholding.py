@@ -253,7 +253,8 @@ def test_min_filters_keeps_the_strongest_with_a_warning(tmp_path: Path) -> None:
 def test_min_filters_never_revives_a_filter_the_threshold_killed(tmp_path: Path) -> None:
     """Norms [0.02, 1.0, 0.9, 0.8], threshold 0.85 kills 0 and 3; the criterion (scores
     [9, 1, 2, 3], half of the 2 live) would kill 1, below `min_filters=2`: it stops. Filter 0,
-    the criterion's strongest, stays dead (the old rule revived it)."""
+    the criterion's strongest, stays dead (the old rule revived it).
+    """
     model = Tiny()
     set_norms(model.model.conv1, [0.02, 1.0, 0.9, 0.8])
     cb = FilterThresholding(

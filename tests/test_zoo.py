@@ -20,7 +20,8 @@ pytest.importorskip("timm")
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 _spec = importlib.util.spec_from_file_location("zoo_bench", _PATH)
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 zoo = importlib.util.module_from_spec(_spec)
 sys.modules["zoo_bench"] = zoo
 _spec.loader.exec_module(zoo)
@@ -47,7 +48,8 @@ def test_zoo_model_exports_exactly(name: str) -> None:
         pytest.skip(f"{name} cannot be built here: {outcome.error}")
     assert outcome.status in ("exported", "pinned"), outcome.error
     assert outcome.caller_unchanged is True
-    assert outcome.max_diff is not None and outcome.max_diff < 1e-5, outcome.max_diff  # relative
+    assert outcome.max_diff is not None
+    assert outcome.max_diff < 1e-5, outcome.max_diff  # relative
     if name in NOTHING_REMOVABLE:
         assert outcome.status == "pinned"
     else:

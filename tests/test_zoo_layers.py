@@ -131,8 +131,10 @@ def test_zoo_layers_are_pruned_like_their_torch_counterparts() -> None:
     pruned = prune_model(net, x)
     assert (pruned.stem.out_channels, pruned.bn1.num_features, pruned.conv2.in_channels) == (6,) * 3
     assert (pruned.conv2.out_channels, pruned.bn2.weight.numel()) == (4, 4)
-    assert pruned.scale.gamma.shape == (4,) and pruned.head.in_features == 4
-    assert type(pruned.stem) is Conv2dSame and type(pruned.bn2) is FrozenBatchNorm2d
+    assert pruned.scale.gamma.shape == (4,)
+    assert pruned.head.in_features == 4
+    assert type(pruned.stem) is Conv2dSame
+    assert type(pruned.bn2) is FrozenBatchNorm2d
     y = torch.randn(3, 3, 13, 9)  # another batch and size
     torch.testing.assert_close(pruned(y), net(y))
 
@@ -294,8 +296,10 @@ def test_parameters_used_in_forward_are_sliced_with_their_channel(tmp_path: obje
     plan = plan_pruning(net, x)
     assert plan.removed_out() == {"stem": [2, 6], "block.conv": [2, 6]}
     pruned = prune_model(net, x)
-    assert pruned.block.gamma.shape == (6,) and pruned.block.shift.shape == (6, 1, 1)
-    assert pruned.bn.weight.shape == (6,) and pruned.block.alpha.shape == ()
+    assert pruned.block.gamma.shape == (6,)
+    assert pruned.block.shift.shape == (6, 1, 1)
+    assert pruned.bn.weight.shape == (6,)
+    assert pruned.block.alpha.shape == ()
     y = torch.randn(3, 3, 10, 10)
     torch.testing.assert_close(pruned(y), net(y))
     path = save_pruned(pruned, Path(str(tmp_path)) / "scaled.pt", example_inputs=x)
@@ -305,7 +309,8 @@ def test_parameters_used_in_forward_are_sliced_with_their_channel(tmp_path: obje
 
 def test_thresholding_and_export_agree_on_a_timm_network(tmp_path: object) -> None:
     """FilterThresholding kills filters of timm's EfficientNet-B0 with their BatchNormAct2d, the
-    monitor counts them dead, and the export removes them (what stays says why)."""
+    monitor counts them dead, and the export removes them (what stays says why).
+    """
     from pathlib import Path
 
     import lightning.pytorch as pl

@@ -42,8 +42,11 @@ class OrderedCallback(Callback):
         self._done: dict[str, Hashable] = {}
 
     def _exported_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """``(parameter, value it will have when exported)`` pairs that differ from the
-        parameter during fit (the splitting method's ``U``); observers look through them."""
+        """The ``(parameter, exported value)`` pairs that differ from the parameter during fit.
+
+        Each pair is ``(parameter, value it will have when exported)`` (the splitting method's
+        ``U``); observers look through them.
+        """
         return []
 
     def rank(self, phase: str) -> int:
@@ -161,8 +164,10 @@ def batch_key(trainer: Any, batch_idx: int) -> Hashable:
 
 @contextmanager
 def exported_view(trainer: Any) -> Iterator[None]:
-    """Within the block, the parameters hold the values they will have when exported (the
-    splitting method's ``U`` instead of ``W``); restored bit for bit on exit."""
+    """Within the block, the parameters hold the values they will have when exported.
+
+    That is the splitting method's ``U`` instead of ``W``; restored bit for bit on exit.
+    """
     swaps = [
         pair
         for cb in getattr(trainer, "callbacks", None) or []

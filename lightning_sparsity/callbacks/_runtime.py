@@ -1,5 +1,7 @@
-"""What the sparsity callbacks need from a running Trainer: the strategy guard, the NaN guard, the
-logging cadence and the optimizer lookups (private)."""
+"""What the sparsity callbacks need from a running Trainer (private).
+
+The strategy guard, the NaN guard, the logging cadence and the optimizer lookups.
+"""
 
 from __future__ import annotations
 

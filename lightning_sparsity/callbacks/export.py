@@ -207,8 +207,11 @@ class PrunedExport(OrderedCallback):
             self._check_prunable(pl_module)
 
     def _check_prunable(self, pl_module: pl.LightningModule) -> None:
-        """At the first batch, fail now rather than after training when the network cannot be
-        analysed, or has no Conv/Linear layer but the output layer (nothing could be pruned)."""
+        """At the first batch, fail now rather than after training on a network it cannot prune.
+
+        That is a network that cannot be analysed, or that has no Conv/Linear layer but the output
+        layer (nothing could be pruned).
+        """
         from lightning_sparsity.pruning.export import plan_pruning
 
         network = pl_module.get_submodule(self._network_name(pl_module))
@@ -257,6 +260,7 @@ class PrunedExport(OrderedCallback):
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
+        """Lightning's key for this callback's state: one per dirpath, filename and formats."""
         return self._generate_state_key(
             dirpath=None if self.dirpath is None else str(self.dirpath),
             filename=self.filename,

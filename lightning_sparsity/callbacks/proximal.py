@@ -32,8 +32,10 @@ _UNSET: Any = object()
 
 
 class ProximalSparsity(TargetedCallback):
-    """After every optimizer step, apply the proximal map of ``strength * R`` in the metric of the
-    step just taken (the ICCAIRO 2019 proximal RMSProp; L0 there beats L1).
+    """After every optimizer step, apply the proximal map of ``strength * R``.
+
+    The map is taken in the metric of the step just taken (the ICCAIRO 2019 proximal RMSProp; L0
+    there beats L1).
 
     With ``z`` the weights after the step and ``eta = lr / d`` the per-coordinate step size
     (:func:`~lightning_sparsity.functional.optim.step_denominator`: RMSprop's ``square_avg``,

@@ -30,8 +30,10 @@ from lightning_sparsity.validation import (
 
 
 class VariableSplitting(TargetedCallback):
-    """Minimise ``L(W) + sum_l [lambda ||U_l||_0 + lambda sqrt(|g|) sum_g ||W_lg||_2
-    + beta/2 ||W_l - U_l||^2] / divide_by`` over the weights ``W`` and a sparse copy ``U``.
+    """Variable splitting: train the weights ``W`` together with a sparse copy ``U``.
+
+    It minimises ``L(W) + sum_l [lambda ||U_l||_0 + lambda sqrt(|g|) sum_g ||W_lg||_2
+    + beta/2 ||W_l - U_l||^2] / divide_by`` over ``W`` and ``U``.
 
     Per optimizer step (Bui et al.; maths in :mod:`lightning_sparsity.functional.splitting`):
     the gradient of the group and coupling terms is added to ``W``'s gradient before the step
@@ -148,9 +150,10 @@ class VariableSplitting(TargetedCallback):
 
     @classmethod
     def paper_recipe(cls, num_samples: int, **overrides: Any) -> VariableSplitting:
-        """Bui et al.'s LeNet-5 / MNIST settings (:data:`~lightning_sparsity.functional.splitting.
-        PAPER_RECIPE`), the regularizer divided by ``num_samples``; train with Adam, lr 1e-3,
-        batch 100. ``overrides`` replace any setting.
+        """Bui et al.'s LeNet-5 / MNIST settings, the regularizer divided by ``num_samples``.
+
+        The settings are :data:`~lightning_sparsity.functional.splitting.PAPER_RECIPE`; train with
+        Adam, lr 1e-3, batch 100. ``overrides`` replace any setting.
 
         Example::
 
@@ -181,6 +184,7 @@ class VariableSplitting(TargetedCallback):
         return splitting_threshold(self._current, self.beta)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "beta": self.beta,
@@ -195,6 +199,7 @@ class VariableSplitting(TargetedCallback):
             },
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
         self.beta = float(state_dict.get("beta", self.initial_beta))

@@ -207,6 +207,7 @@ class FilterThresholding(OrderedCallback):
 
     @property
     def state_key(self) -> str:
+        """Lightning's key for this callback's state: one per configuration."""
         return self._generate_state_key(
             threshold=self.threshold,
             norm=self.norm,

@@ -26,8 +26,9 @@ def step_denominator(
     state: dict[str, Any],
     out: Tensor | None = None,
 ) -> Tensor | None:
-    """``d`` with per-coordinate step ``eta = lr / d`` of the step the optimizer just took
-    (``None``: the plain ``lr``), read from its state after the step:
+    """The ``d`` of the step the optimizer just took, read from its state after the step.
+
+    ``d`` gives the per-coordinate step ``eta = lr / d`` (``None``: the plain ``lr``):
 
     * SGD (any momentum): ``None``.
     * RMSprop: ``sqrt(square_avg) + eps``; centered: ``sqrt(square_avg - grad_avg^2) + eps``.

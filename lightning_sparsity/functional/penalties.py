@@ -36,8 +36,9 @@ PenaltyName = Literal["l1", "group_lasso", "l1_l2", "capped_l1", "bn_scale_l1"]
 
 
 def l1(weight: Tensor, granularity: str = "weight") -> Tensor:
-    """``sum |w|``. Equal to the sum of the groups' L1 norms at every granularity; ``granularity``
-    exists so that all penalties share one signature (and is validated).
+    """``sum |w|``, equal to the sum of the groups' L1 norms at every granularity.
+
+    ``granularity`` exists so that all penalties share one signature (and is validated).
 
     Example::
 
@@ -63,8 +64,10 @@ def group_lasso(weight: Tensor, granularity: str = "filter", scale_by_size: bool
 
 
 def l1_l2(weight: Tensor, granularity: str = "filter") -> Tensor:
-    """``||n||_1 / ||n||_2`` over the group L2 norms ``n`` (Berthelier et al.); 0 for an all-zero
-    weight (with gradient 0). With ``"weight"`` it is the plain ``||w||_1 / ||w||_2``.
+    """``||n||_1 / ||n||_2`` over the group L2 norms ``n`` (Berthelier et al.).
+
+    0 for an all-zero weight (with gradient 0). With ``"weight"`` it is the plain ``||w||_1 /
+    ||w||_2``.
 
     Scale invariant; between 1 (one live group) and sqrt(number of groups).
 
@@ -82,8 +85,9 @@ def l1_l2(weight: Tensor, granularity: str = "filter") -> Tensor:
 
 
 def capped_l1(weight: Tensor, cap: float, granularity: str = "filter") -> Tensor:
-    """Capped L1 ``sum_g min(||w_g||_1, cap)`` (Kumar et al.): groups whose L1 norm exceeds ``cap``
-    are not penalised; smaller ones are pushed to zero.
+    """Capped L1 ``sum_g min(||w_g||_1, cap)`` (Kumar et al.).
+
+    Groups whose L1 norm exceeds ``cap`` are not penalised; smaller ones are pushed to zero.
 
     Raises:
         ValueError: ``cap`` negative or not finite.
@@ -221,8 +225,11 @@ class BNScaleL1(L1):
 
 
 class CappedL1(Penalty):
-    """``sum_g min(||w_g||_1, cap)`` (Kumar et al.); a group at or below the cap gets
-    ``sign(w_g)``, a group above it 0 (as ``torch.clamp``'s autograd)."""
+    """``sum_g min(||w_g||_1, cap)`` (Kumar et al.).
+
+    A group at or below the cap gets gradient ``sign(w_g)``, a group above it 0 (as
+    ``torch.clamp``'s autograd).
+    """
 
     name = "capped_l1"
     uses_scratch = True

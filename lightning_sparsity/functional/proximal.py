@@ -63,8 +63,10 @@ def hard_threshold(x: Tensor, t: float | Tensor) -> Tensor:
 
 
 def _scaled_norms(z: Tensor, t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``||z_g / t_g||_2`` per group (keepdim); a coordinate with ``t_i = 0`` and ``z_i != 0``
-    gives ``inf``."""
+    """``||z_g / t_g||_2`` per group (keepdim).
+
+    A coordinate with ``t_i = 0`` and ``z_i != 0`` gives ``inf``.
+    """
     tiny = torch.finfo(z.dtype).tiny
     scaled = z / t.clamp_min(tiny)
     return torch.linalg.vector_norm(scaled, dim=dims, keepdim=True)
@@ -153,8 +155,10 @@ def proximal_step_(
     mask: Tensor | None = None,
     count: bool = True,
 ) -> Tensor | None:
-    """In place, the proximal map of ``strength * R`` after a step with per-coordinate step size
-    ``eta = lr / denominator`` (``lr`` when ``denominator`` is ``None``).
+    """In place, the proximal map of ``strength * R`` after a step.
+
+    The step has the per-coordinate step size ``eta = lr / denominator`` (``lr`` when
+    ``denominator`` is ``None``).
 
     ``"l0"``: keep group ``g`` iff ``sum_i z_i^2 / (2 eta_i) > strength``, evaluated as
     ``sum_i z_i^2 d_i > 2 lr strength`` (:func:`group_hard_threshold` in fewer passes; element-wise

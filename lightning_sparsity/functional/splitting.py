@@ -92,8 +92,9 @@ def sparse_copy_(
     scratch: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """``U = W * 1[|W| > threshold]`` written into ``copy`` (the exact minimiser over ``U``), or,
-    with ``keep_support``, ``U = W * 1[U != 0]`` (the support frozen: a fine-tuning phase).
+    """``U = W * 1[|W| > threshold]`` written into ``copy`` (the exact minimiser over ``U``).
+
+    With ``keep_support``, ``U = W * 1[U != 0]`` instead (the support frozen: a fine-tuning phase).
 
     ``scratch`` (like ``weight``) and ``mask`` (bool, like ``weight``) avoid allocations.
 

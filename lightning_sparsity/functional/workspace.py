@@ -1,5 +1,8 @@
-"""Scratch tensors reused from step to step, so per-step maths allocates no weight-sized
-temporaries (on the CPU every large allocation may cost page faults)."""
+"""Scratch tensors reused from step to step.
+
+Per-step maths thus allocates no weight-sized temporaries (on the CPU every large allocation may
+cost page faults).
+"""
 
 from __future__ import annotations
 

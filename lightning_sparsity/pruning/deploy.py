@@ -1,6 +1,8 @@
-"""Deployment files that need no Python model code: a ``torch.export`` program (``.pt2``) and
-ONNX. Each is written atomically and, before it replaces the target, read back and run on the
-example inputs (``torch.export.load`` / ONNX Runtime) and compared with the model's own outputs.
+"""Deployment files that need no Python model code: a ``torch.export`` program and ONNX.
+
+The program is written as ``.pt2``. Each file is written atomically and, before it replaces the
+target, read back and run on the example inputs (``torch.export.load`` / ONNX Runtime) and compared
+with the model's own outputs.
 
 The batch dimension (dim 0 of every input) is exported as dynamic when the model allows it
 (``torch.export.Dim.AUTO``: it stays static where the code fixes the batch size).

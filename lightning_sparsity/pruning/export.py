@@ -40,9 +40,10 @@ ExampleInputs = Tensor | Sequence[Tensor]
 
 
 def as_inputs(example_inputs: Any, owner: str = "prune_model") -> tuple[Any, ...]:
-    """``example_inputs`` as the positional arguments of ``forward``: a tensor is one argument; a
-    tuple (or a list of tensors) holds one entry per argument, each a tensor or a structure of
-    tensors (a detection model's list of images: ``([img1, img2],)``).
+    """``example_inputs`` as the positional arguments of ``forward``.
+
+    A tensor is one argument; a tuple (or a list of tensors) holds one entry per argument, each a
+    tensor or a structure of tensors (a detection model's list of images: ``([img1, img2],)``).
 
     Raises:
         TypeError: no tensor anywhere in ``example_inputs``.

@@ -53,8 +53,10 @@ def _check(name: str, keep: Tensor | None, size: int, axis: str) -> Tensor | Non
 
 
 def _copy(module: nn.Module, *keys: str) -> nn.Module:
-    """A deep copy of ``module`` that shares (does not copy) the tensors ``keys``, which the caller
-    replaces."""
+    """A deep copy of ``module`` that shares (does not copy) the tensors ``keys``.
+
+    The caller replaces those tensors.
+    """
     memo: dict[int, Any] = {}
     for key in keys:
         t = getattr(module, key, None)
@@ -64,8 +66,11 @@ def _copy(module: nn.Module, *keys: str) -> nn.Module:
 
 
 def replace_tensor(new: nn.Module, key: str, value: Tensor) -> None:
-    """Replace the parameter or buffer ``key`` of ``new`` by ``value`` (a fresh tensor, from
-    ``index_select``), keeping its kind (parameter or buffer) and ``requires_grad``."""
+    """Replace the parameter or buffer ``key`` of ``new`` by ``value``.
+
+    ``value`` is a fresh tensor (from ``index_select``); the kind (parameter or buffer) and
+    ``requires_grad`` are kept.
+    """
     if key in new._parameters and new._parameters[key] is not None:
         old = cast(Tensor, new._parameters[key])
         new._parameters[key] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)

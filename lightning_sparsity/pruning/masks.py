@@ -1,5 +1,7 @@
-"""Killing filters: zero a filter's weights, bias and the BatchNorm scale/shift after it, its
-gradients and its optimizer state (plain torch, no Lightning import).
+"""Killing filters: zero a filter's parameters, gradients and optimizer state.
+
+That is its weights, bias and the BatchNorm scale/shift after it, its gradients and its optimizer
+state (plain torch, no Lightning import).
 
 :func:`kill_filters` is the one-call form (tests, benchmarks, a user's own schedule); the
 thresholding and monitor callbacks use the :class:`FilterGroup` pieces.
@@ -27,10 +29,12 @@ class FilterGroup:
 
     @property
     def weight(self) -> Tensor:
+        """The layer's weight (output units along dim 0)."""
         return cast(Tensor, self.layer.weight)
 
     @property
     def out_features(self) -> int:
+        """The number of output units (filters) of the layer."""
         return int(self.weight.shape[0])
 
     def params(self) -> Iterator[Tensor]:
@@ -69,8 +73,11 @@ def build_groups(model: nn.Module, names: Iterable[str], owner: str) -> dict[str
 
 @torch.no_grad()
 def zero_filters(group: FilterGroup, dead: Tensor) -> None:
-    """Zero output units ``dead`` (an index tensor) of ``group``: weight rows, bias, BN scale and
-    shift, and the BN running mean (so an ``affine=False`` BatchNorm also emits exactly 0)."""
+    """Zero output units ``dead`` (an index tensor) of ``group``.
+
+    That is the weight rows, bias, BN scale and shift, and the BN running mean (so an
+    ``affine=False`` BatchNorm also emits exactly 0).
+    """
     for param in group.params():
         param.index_fill_(0, dead.to(param.device), 0.0)
     running_mean = getattr(group.bn, "running_mean", None)
@@ -90,9 +97,12 @@ def zero_grads(group: FilterGroup, dead: Tensor) -> None:
 def zero_optimizer_state(
     optimizers: Iterable[torch.optim.Optimizer], group: FilterGroup, dead: Tensor
 ) -> None:
-    """Zero every per-parameter state tensor shaped like the parameter (SGD ``momentum_buffer``,
-    Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, RMSprop ``square_avg``/``momentum``/
-    ``grad_avg``, Adagrad ``sum``...) at the dead units. Scalars such as ``step`` are left alone."""
+    """Zero every per-parameter optimizer state tensor shaped like the parameter at the dead units.
+
+    For example SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, RMSprop
+    ``square_avg``/``momentum``/``grad_avg``, Adagrad ``sum``... Scalars such as ``step`` are left
+    alone.
+    """
     params = list(group.params())
     for optimizer in optimizers:
         for param in params:
@@ -107,10 +117,12 @@ def zero_optimizer_state(
 def kill_filters(
     model: nn.Module, dead: Mapping[str, Sequence[int] | Tensor], *, owner: str = "kill_filters"
 ) -> None:
-    """Make filters emit exactly 0: for each ``layer name -> filter indices``, zero the weight rows,
-    the bias, and the scale, shift and running mean of the BatchNorm that follows the layer
-    (found by a ``torch.fx`` trace), so that :func:`~lightning_sparsity.prune_model` removes them
-    and the pruned model's outputs stay equal.
+    """Make filters emit exactly 0, so that they can be removed.
+
+    For each ``layer name -> filter indices``, zero the weight rows, the bias, and the scale, shift
+    and running mean of the BatchNorm that follows the layer (found by a ``torch.fx`` trace), so
+    that :func:`~lightning_sparsity.prune_model` removes them and the pruned model's outputs stay
+    equal.
 
     Raises:
         ValueError: a layer name that is not a module of ``model``.

@@ -1,6 +1,8 @@
-"""Running a model the way every check here runs it: eval mode, no gradients, flags restored, the
-outputs flattened to a list of tensors whatever their structure (tensor, tuple, list, dict,
-dataclass such as a ``ModelOutput``)."""
+"""Running a model the way every check here runs it.
+
+That is eval mode, no gradients, flags restored, the outputs flattened to a list of tensors whatever
+their structure (tensor, tuple, list, dict, dataclass such as a ``ModelOutput``).
+"""
 
 from __future__ import annotations
 

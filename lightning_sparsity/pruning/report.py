@@ -248,8 +248,9 @@ def size_report(original: nn.Module, pruned: nn.Module, example_inputs: Any) -> 
 def pruned_size(
     model: nn.Module, dead: dict[str, Tensor], example_inputs: tuple[Tensor, ...]
 ) -> tuple[int, int]:
-    """Parameters and MACs per sample that :func:`~lightning_sparsity.prune_model` would give
-    once the filters ``dead`` (layer name -> indices) are removed; ``model`` is not changed.
+    """Parameters and MACs per sample once the filters ``dead`` (layer name -> indices) are removed.
+
+    That is what :func:`~lightning_sparsity.prune_model` would give; ``model`` is not changed.
 
     A copy has those filters killed (:func:`~lightning_sparsity.pruning.masks.kill_filters`) and
     is pruned without the equivalence check, then counted like :func:`size_report`.

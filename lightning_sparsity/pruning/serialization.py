@@ -73,8 +73,10 @@ def to_plain(value: Any, where: str) -> Any:
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` as a plain dict of compact, detached CPU tensors (a clone never
-    drags a sliced parent's whole storage into the file)."""
+    """``module.state_dict()`` as a plain dict of compact, detached CPU tensors.
+
+    A clone never drags a sliced parent's whole storage into the file.
+    """
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
@@ -172,8 +174,9 @@ def save_pruned(
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, owner: str = "load_pruned") -> dict[str, Any]:
-    """Open a pruned file or pruned Lightning checkpoint with ``weights_only=True`` and check its
-    layout: a dict with ``pruned_widths`` and a ``state_dict`` of tensors.
+    """Open a pruned file or pruned Lightning checkpoint with ``weights_only=True``.
+
+    Its layout is checked: a dict with ``pruned_widths`` and a ``state_dict`` of tensors.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -222,8 +225,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, owner: str = "load_pruned")
 
 
 def load_pruned(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
-    """Shrink a freshly built ``model`` of the original architecture to the widths saved in
-    ``path`` and load the saved weights; the result computes what the saved pruned model did.
+    """Shrink a freshly built ``model`` to the widths saved in ``path`` and load the saved weights.
+
+    ``model`` is of the original architecture; the result computes what the saved pruned model did.
 
     ``model`` is modified in place and returned, but only after every check passed: the file is
     opened with ``weights_only=True``, its format tag, that every saved module exists in ``model``

@@ -1,5 +1,7 @@
-"""Shrink one layer to the kept output and input indices, by the shrink function the layer
-registry (:mod:`~lightning_sparsity.pruning.layers`) holds for its type.
+"""Shrink one layer to the kept output and input indices.
+
+The shrink function is the one the layer registry (:mod:`~lightning_sparsity.pruning.layers`) holds
+for its type.
 
 >>> import torch
 >>> from torch import nn
@@ -28,8 +30,10 @@ __all__ = ["CHANNEL_NORM_TYPES", "is_masked", "register", "shrink", "shrink_fn"]
 
 
 def register(*types: type[nn.Module]) -> Callable[[ShrinkFn], ShrinkFn]:
-    """Register a shrink function for ``types`` (and their subclasses), ahead of the built-in
-    entries: a layer type of your own that ``prune_model`` should shrink."""
+    """Register a shrink function for ``types`` (and their subclasses), ahead of built-in entries.
+
+    Use it for a layer type of your own that ``prune_model`` should shrink.
+    """
 
     def decorate(fn: ShrinkFn) -> ShrinkFn:
         LAYERS.insert(0, Layer(tuple(types), fn))
@@ -45,8 +49,11 @@ def shrink_fn(module: nn.Module) -> ShrinkFn | None:
 
 
 def is_masked(module: nn.Module) -> bool:
-    """Whether ``module`` itself (not its children) has a ``torch.nn.utils.prune`` mask or a
-    parametrization: its ``weight`` is then recomputed on every call and cannot be sliced."""
+    """Whether ``module`` itself (not its children) has a pruning mask or a parametrization.
+
+    The mask is a ``torch.nn.utils.prune`` one; either way its ``weight`` is then recomputed on
+    every call and cannot be sliced.
+    """
     hooks = module._forward_pre_hooks.values()
     masked = any(isinstance(h, prune.BasePruningMethod) for h in hooks)
     return masked or parametrize.is_parametrized(module)

@@ -1,5 +1,7 @@
-"""Layer widths as plain data: describe a pruned model's widths, check them against a freshly built
-model of the original architecture, and reshape that model's layers to them.
+"""Layer widths as plain data.
+
+Describe a pruned model's widths, check them against a freshly built model of the original
+architecture, and reshape that model's layers to them.
 
 The description holds only ``str``/``int``/``list``/``dict`` values, so it travels inside a file
 that ``torch.load(..., weights_only=True)`` opens::
@@ -58,8 +60,9 @@ def describe_inputs(
 
 
 def describe_widths(model: nn.Module, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The widths of every layer of ``model`` that has one, as plain data (with ``inputs`` from
-    :func:`describe_inputs` when given).
+    """The widths of every layer of ``model`` that has one, as plain data.
+
+    ``inputs`` come from :func:`describe_inputs` when given.
 
     Example::
 
@@ -141,8 +144,10 @@ def _check_entry(name: str, module: nn.Module, entry: Any, family: Layer) -> dic
 def _check_tensors(
     name: str, module: nn.Module, entry: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Shape]]:
-    """The shapes of a module without a family (its own tensors, each no larger than the
-    model's) and the counting attributes they imply."""
+    """The shapes of a module without a family, and the counting attributes they imply.
+
+    The shapes are its own tensors', each no larger than the model's.
+    """
     cls = type(module).__name__
     if entry.get("class") != cls:
         raise ValueError(
@@ -175,8 +180,10 @@ def _check_tensors(
 
 
 def _resized(module: nn.Module, widths: dict[str, Any], shapes: dict[str, Shape]) -> nn.Module:
-    """A copy of ``module`` (same class, dtype and device) with the given widths; its tensors are
-    uninitialised, the caller loads them."""
+    """A copy of ``module`` (same class, dtype and device) with the given widths.
+
+    Its tensors are uninitialised; the caller loads them.
+    """
     new = copy.deepcopy(module)
     for attr, value in widths.items():
         setattr(new, attr, tuple(value) if isinstance(value, list) else value)
@@ -199,7 +206,7 @@ def _close(name: str, names: list[str]) -> str:
     return f" Did you mean {near}?" if near else ""
 
 
-def reshape_to_widths(
+def reshape_to_widths(  # noqa: C901 (one case per layer family)
     model: nn.Module,
     description: Any,
     state_dict: Mapping[str, Any],
@@ -288,9 +295,11 @@ def reshape_to_widths(
 
 
 def _check_forward(model: nn.Module, inputs: Any) -> None:
-    """Run the reshaped model on zeros of the saved input shapes: widths of coupled layers that
-    disagree (a conv narrower than its BatchNorm, a Linear reading more features than arrive)
-    fail here instead of at the user's first forward."""
+    """Run the reshaped model on zeros of the saved input shapes.
+
+    Widths of coupled layers that disagree (a conv narrower than its BatchNorm, a Linear reading
+    more features than arrive) fail here instead of at the user's first forward.
+    """
     try:
         target = model.get_submodule(str(inputs["module"]))
         args = [

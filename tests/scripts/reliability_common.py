@@ -121,7 +121,8 @@ class ResumableLoader(torch.utils.data.DataLoader):
     ``load_state_dict``, Lightning's ``_Stateful``): ``consumed`` counts the batches the training
     loop finished in the current epoch (``CountConsumed`` increments it before ``ModelCheckpoint``
     saves); after ``load_state_dict`` the next iteration skips them. Without such a loader
-    Lightning warns that a mid-epoch resume is unreliable and restarts the epoch's data."""
+    Lightning warns that a mid-epoch resume is unreliable and restarts the epoch's data.
+    """
 
     def __init__(self, batch_size: int) -> None:
         super().__init__(IndexedData(), batch_size=batch_size, shuffle=False)
@@ -161,7 +162,8 @@ def rank() -> int:
 class RankDependentScore:
     """A thresholding criterion that disagrees between ranks: rank 0 ranks filters by their L2 norm
     (kills the weakest), every other rank by minus the norm (would kill the strongest). Masks that
-    still agree across ranks prove the decision is rank 0's, shared by broadcast."""
+    still agree across ranks prove the decision is rank 0's, shared by broadcast.
+    """
 
     def __init__(self) -> None:
         self.local_choices: list[list[int]] = []
@@ -186,7 +188,8 @@ def layer(pl_module: pl.LightningModule, name: str) -> nn.Module:
 
 class GradProbe(pl.Callback):
     """Put one before and one after a gradient-adding callback: their difference is the
-    callback's contribution, recorded per optimizer step."""
+    callback's contribution, recorded per optimizer step.
+    """
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -200,7 +203,8 @@ class GradProbe(pl.Callback):
 
 class WeightProbe(pl.Callback):
     """Records the weights of ``names`` at every ``on_train_batch_end`` (where it stands in the
-    callback list decides before/after which callback)."""
+    callback list decides before/after which callback).
+    """
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -212,7 +216,8 @@ class WeightProbe(pl.Callback):
 
 class Recorder(pl.Callback):
     """Last in the list: per step a digest of every parameter, per epoch the masks, and at fit end
-    (still inside the Trainer, process group up) everything gathered to every rank."""
+    (still inside the Trainer, process group up) everything gathered to every rank.
+    """
 
     def __init__(self, callbacks: dict[str, Any], probes: dict[str, Any]) -> None:
         self.callbacks = callbacks

@@ -1,4 +1,6 @@
-"""The channel analysis behind the export, in the order data flows through it:
+"""The channel analysis behind the export.
+
+Its modules, in the order data flows through them:
 
 * :mod:`.graph` and :mod:`.capture`: the graph (``torch.fx`` in eval mode, opaque leaves and
   regions for what fx cannot follow);

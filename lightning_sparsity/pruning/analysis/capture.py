@@ -73,8 +73,10 @@ def without_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def record_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[nn.Module, tuple[Any, ...]]:
-    """The positional arguments (keywords bound in) of every submodule's first call, from one
-    eval-mode forward without gradients on ``model``."""
+    """The positional arguments (keywords bound in) of every submodule's first call.
+
+    They come from one eval-mode forward without gradients on ``model``.
+    """
     seen: dict[nn.Module, tuple[Any, ...]] = {}
     handles = []
 
@@ -112,8 +114,11 @@ def _with_params(gm: fx.GraphModule) -> set[str]:
 def _trace_both(
     module: nn.Module, leaves: set[nn.Module]
 ) -> tuple[fx.GraphModule | None, set[nn.Module], str]:
-    """The eval-mode graph, or the training-mode one when it calls layers the eval-mode graph
-    does not (auxiliary heads: they must keep fitting their inputs after pruning)."""
+    """The eval-mode graph, or the training-mode one when it calls more layers.
+
+    The training-mode graph is used when it calls layers the eval-mode graph does not (auxiliary
+    heads: they must keep fitting their inputs after pruning).
+    """
     gm, opaque, why = trace_with_opaque(module, leaves)
     if gm is None:
         return gm, opaque, why
@@ -125,8 +130,9 @@ def _trace_both(
 
 
 def capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:
-    """Split ``model`` into traced regions (see the module docstring). ``model`` is put in eval
-    mode; pass a copy.
+    """Split ``model`` into traced regions (see the module docstring).
+
+    ``model`` is put in eval mode; pass a copy.
 
     Raises:
         ValueError: the forward fails on ``inputs``.
@@ -137,7 +143,7 @@ def capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:
         return _capture(model, inputs)
 
 
-def _capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:
+def _capture(model: nn.Module, inputs: tuple[Any, ...]) -> Capture:  # noqa: C901 (one walk over the module tree with its fallbacks)
     try:
         calls = record_inputs(model, inputs)
     except Exception as err:

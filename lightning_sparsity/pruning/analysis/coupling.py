@@ -36,8 +36,11 @@ from lightning_sparsity.pruning.layers import CHANNEL_NORM_TYPES, MIXING_TYPES
 
 
 class UnsupportedOpError(ValueError):
-    """With ``strict=True``: an op the analysis cannot follow receives channels that could
-    otherwise be removed (without ``strict`` they are kept, and the plan says why)."""
+    """Raised with ``strict=True`` when an op the analysis cannot follow gets removable channels.
+
+    The op receives channels that could otherwise be removed (without ``strict`` they are kept, and
+    the plan says why).
+    """
 
 
 @dataclass(frozen=True)
@@ -247,22 +250,27 @@ class Analysis:
 
     # -- helpers used by the rules -------------------------------------------------------------
     def space(self, arg: Any) -> Any:
+        """The channel space of ``arg`` when it is a node that has one, else ``None``."""
         return self.spaces.get(arg) if isinstance(arg, fx.Node) else None
 
     def module(self, node: fx.Node) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
         return self.modules[str(node.target)]
 
     def describe(self, node: fx.Node) -> str:
+        """``node`` for a message: the op, its module (qualified by ``prefix``) and source line."""
         return describe(self.gm, node, self.prefix)
 
     def pin(
         self, slots: Tensor, reason: str, error: bool = False, node: fx.Node | None = None
     ) -> None:
+        """Keep channels ``slots`` for ``reason`` (``error``: a strict error if removable)."""
         self.pins.append(Pin(slots.flatten(), reason, error, node))
 
     def pin_all(
         self, value: Any, reason: str, error: bool = False, node: fx.Node | None = None
     ) -> None:
+        """Keep every channel of every space inside ``value``, as :meth:`pin`."""
         for s in iter_spaces(value):
             self.pin(s.slots, reason, error, node)
 
@@ -296,8 +304,10 @@ class Analysis:
         return Space(1, slots, live(int(shape[1])))
 
     def unknown(self, node: fx.Node, why: str = "the analysis cannot follow this op") -> Any:
-        """Keep every channel reaching ``node`` and leaving it (with ``strict``, an error if
-        they could otherwise be removed)."""
+        """Keep every channel reaching ``node`` and leaving it.
+
+        With ``strict``, an error if they could otherwise be removed.
+        """
         if node.op == "call_module" and str(node.target) in self.opaque:
             why = f"a module kept whole ({self.opaque[str(node.target)]})"
         for inp in node.all_input_nodes:
@@ -306,6 +316,7 @@ class Analysis:
 
     # -- the walk --------------------------------------------------------------------------------
     def run(self) -> None:
+        """Walk the graph in order, giving each node's output its channel space by the op's rule."""
         from lightning_sparsity.pruning.analysis.rules import lookup
 
         for node in self.gm.graph.nodes:
@@ -381,6 +392,7 @@ class Analysis:
         return None, "which has no bias and no BatchNorm right after it to absorb the constant"
 
     def plan(self) -> ChannelPlan:
+        """Solve the constraints: what can be removed, and why every other dead channel stays."""
         roots = self.uf.roots()
         n = roots.numel()
         pinned = torch.zeros(n, dtype=torch.bool)
@@ -424,8 +436,11 @@ class Analysis:
         return self._plan(roots, removed, live_blocked, reason, targets)
 
     def _dead_roots(self, roots: Tensor) -> Tensor:
-        """Groups that some layer really emits as a constant (a strict error about a channel
-        names a dead one, never a live channel that merely reaches the op)."""
+        """Groups that some layer really emits as a constant.
+
+        A strict error about a channel names a dead one, never a live channel that merely reaches
+        the op.
+        """
         out = torch.zeros(roots.numel(), dtype=torch.bool)
         for name, slots in self.layer_out.items():
             dead = self.dead_out.get(name)
@@ -594,8 +609,9 @@ def analyze(
     strict: bool = False,
     boundary: str = "",
 ) -> ChannelPlan:
-    """Run the coupling analysis on a traced graph annotated by ``ShapeProp``; names relative
-    to ``gm`` (``prefix`` only qualifies the messages).
+    """Run the coupling analysis on a traced graph annotated by ``ShapeProp``.
+
+    Names are relative to ``gm`` (``prefix`` only qualifies the messages).
 
     Raises:
         UnsupportedOpError: with ``strict``, an op the analysis cannot follow receives a channel

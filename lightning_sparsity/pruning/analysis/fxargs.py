@@ -18,6 +18,7 @@ Rule = Callable[["Analysis", fx.Node], Any]
 
 
 def arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+    """Argument ``i`` of ``node``, positional or keyword ``key`` (``default`` when absent)."""
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(key, default)
@@ -32,12 +33,14 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
 
 
 def input_space(a: Analysis, node: fx.Node) -> tuple[Space | None, tuple[int, ...] | None]:
+    """The space (``None`` unless a :class:`Space`) and the shape of ``node``'s first input."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     space = a.space(x)
     return (space if isinstance(space, Space) else None), shape_of(x)
 
 
 def keeps_channels(x: Space, node: fx.Node, in_shape: tuple[int, ...] | None) -> bool:
+    """Whether ``node``'s output has its input's rank and ``x``'s channel dims in place."""
     out_shape = shape_of(node)
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape):
         return False
@@ -66,6 +69,7 @@ def apply_const(fn: Callable[[Tensor], Any], value: Tensor) -> Tensor:
 
 
 def has_node(values: Any) -> bool:
+    """Whether the (nested) argument ``values`` contains a graph node."""
     found = False
 
     def visit(n: fx.Node) -> fx.Node:

@@ -69,8 +69,10 @@ def _where(err: BaseException, module: nn.Module) -> str:
 def trace_with_opaque(
     module: nn.Module, leaves: set[nn.Module], max_opaque: int = 64
 ) -> tuple[fx.GraphModule | None, set[nn.Module], str]:
-    """Trace ``module``; submodules fx cannot follow become opaque leaves. ``None`` when the
-    module's own code cannot be traced (with the reason)."""
+    """Trace ``module``; submodules fx cannot follow become opaque leaves.
+
+    ``None`` when the module's own code cannot be traced (with the reason).
+    """
     opaque: set[nn.Module] = set()
     for _ in range(max_opaque):
         tracer = _Tracer(leaves, opaque)
@@ -87,9 +89,11 @@ def trace_with_opaque(
 
 
 def is_norm_like(module: nn.Module) -> bool:
-    """A per-channel normalisation layer as the zoos write them: a ``_BatchNorm`` subclass (with
-    a fused activation, say) or any module holding 1-D ``weight``, ``bias``, ``running_mean`` and
-    ``running_var`` (a frozen BatchNorm)."""
+    """A per-channel normalisation layer as the zoos write them.
+
+    That is a ``_BatchNorm`` subclass (with a fused activation, say) or any module holding 1-D
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` (a frozen BatchNorm).
+    """
     if isinstance(module, _BatchNorm):
         return True
     tensors = [getattr(module, k, None) for k in ("weight", "bias", "running_mean", "running_var")]
@@ -97,10 +101,11 @@ def is_norm_like(module: nn.Module) -> bool:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` with ``torch.fx`` for the training callbacks' questions (which norm follows
-    which layer, which layer makes the output), in eval mode: ``torch.nn`` layers and zoo norm
-    layers (:func:`is_norm_like`) stay leaves, a submodule fx cannot follow becomes an opaque
-    leaf. The model's flags are restored.
+    """Trace ``model`` with ``torch.fx`` for the training callbacks' questions, in eval mode.
+
+    The questions are which norm follows which layer and which layer makes the output. ``torch.nn``
+    layers and zoo norm layers (:func:`is_norm_like`) stay leaves, a submodule fx cannot follow
+    becomes an opaque leaf. The model's flags are restored.
 
     Raises:
         TraceError: the model's own forward cannot be traced (naming the line).
@@ -139,8 +144,10 @@ def output_layer_names(model: nn.Module) -> set[str]:
 
 
 def layers_reaching_output(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> set[str]:
-    """The layers of ``types`` reached walking back from the graph's output through every other
-    op (the classifier, the last convs of a segmentation head)."""
+    """The layers of ``types`` reached walking back from the graph's output through every other op.
+
+    For example the classifier, or the last convs of a segmentation head.
+    """
     found: set[str] = set()
     seen: set[fx.Node] = set()
     queue = deque(n for n in gm.graph.nodes if n.op == "output")

@@ -1,5 +1,6 @@
-"""Layers as the zoos write them: a module outside ``torch.nn`` is analysed as a layer when it
-behaves like one on its real inputs.
+"""Layers as the zoos write them.
+
+A module outside ``torch.nn`` is analysed as a layer when it behaves like one on its real inputs.
 
 Model zoos subclass ``torch.nn`` layers with their own ``forward`` ("same" padding, norm plus
 activation) or write their own per-channel layers (a frozen BatchNorm, a layer scale). Rather than
@@ -43,8 +44,11 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 def shrink_channelwise(module: nn.Module, keep: Tensor, channels: int) -> nn.Module:
-    """A copy of a per-channel module keeping channels ``keep``: every own tensor whose first
-    dimension has ``channels`` entries is sliced, and the counting attributes updated."""
+    """A copy of a per-channel module keeping channels ``keep``.
+
+    Every own tensor whose first dimension has ``channels`` entries is sliced, and the counting
+    attributes updated.
+    """
     idx = keep.sort().values
     new = copy.deepcopy(module)
     for name, t in _own_tensors(module).items():
@@ -136,8 +140,10 @@ def _linear(module: nn.Linear, x: Tensor) -> bool:
 
 
 def leaf_kind(module: nn.Module, args: tuple[Any, ...]) -> LeafKind | None:
-    """What layer ``module`` (outside ``torch.nn``) proves to be on its recorded inputs ``args``,
-    or ``None`` (traced through)."""
+    """What layer ``module`` (outside ``torch.nn``) proves to be on its recorded inputs ``args``.
+
+    ``None`` when it proves to be none (it is traced through).
+    """
     if type(module).__module__.startswith("torch.nn"):
         return None  # torch's own layers have their rules
     if any(True for c in module.children() for _ in c.parameters()):

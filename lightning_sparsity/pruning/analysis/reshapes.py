@@ -1,6 +1,8 @@
-"""Coupling rules for ops that combine or rearrange channels: ``+ - * /``, ``cat``, ``chunk``,
-``split``, indexing, reductions, ``permute``/``transpose``, ``view``/``reshape``/``flatten`` and
-the channel shuffle. See :mod:`.rules` for the table that uses them.
+"""Coupling rules for ops that combine or rearrange channels.
+
+The ops are ``+ - * /``, ``cat``, ``chunk``, ``split``, indexing, reductions,
+``permute``/``transpose``, ``view``/``reshape``/``flatten`` and the channel shuffle. See
+:mod:`.rules` for the table that uses them.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ if TYPE_CHECKING:
     from lightning_sparsity.pruning.analysis.coupling import Analysis
 
 
-def binary(op: str) -> Rule:
-    def rule(a: Analysis, node: fx.Node) -> Any:
+def binary(op: str) -> Rule:  # noqa: C901 (one case per broadcasting shape pair)
+    """The rule for the element-wise ``op`` (add, sub, mul, div): it couples the operands."""
+
+    def rule(a: Analysis, node: fx.Node) -> Any:  # noqa: C901 (one case per broadcasting shape pair)
         out_shape = shape_of(node)
         if out_shape is None or (len(node.args) < 2 and "other" not in node.kwargs):
             return a.unknown(node)
@@ -100,6 +104,7 @@ def binary(op: str) -> Rule:
 
 
 def cat(a: Analysis, node: fx.Node) -> Any:
+    """Rule for ``cat``: along the channels their slots are concatenated, else coupled."""
     tensors = arg(node, 0, "tensors")
     dim = arg(node, 1, "dim", 0)
     out_shape = shape_of(node)
@@ -140,6 +145,7 @@ def _split_parts(a: Analysis, node: fx.Node, x: Space, dim: int) -> tuple[Space,
 
 
 def chunk(a: Analysis, node: fx.Node) -> Any:
+    """Rule for ``chunk``: chunks of the channels stay equal and non-empty."""
     x, in_shape = input_space(a, node)
     chunks, dim = arg(node, 1, "chunks"), arg(node, 2, "dim", 0)
     if x is None or in_shape is None or not isinstance(chunks, int) or not isinstance(dim, int):
@@ -161,6 +167,7 @@ def chunk(a: Analysis, node: fx.Node) -> Any:
 
 
 def split(a: Analysis, node: fx.Node) -> Any:
+    """Rule for ``split``: the channels it splits at sizes written in the code are kept."""
     x, in_shape = input_space(a, node)
     dim = arg(node, 2, "dim", 0)
     if x is None or in_shape is None or not isinstance(dim, int):
@@ -175,7 +182,8 @@ def split(a: Analysis, node: fx.Node) -> Any:
     return parts
 
 
-def getitem(a: Analysis, node: fx.Node) -> Any:
+def getitem(a: Analysis, node: fx.Node) -> Any:  # noqa: C901 (one case per index kind)
+    """Rule for indexing: a tuple's item, or a tensor index (part of the channels: kept)."""
     src, index = node.args[0], node.args[1]
     s = a.space(src)
     if isinstance(s, tuple) and isinstance(index, int):
@@ -210,8 +218,10 @@ def getitem(a: Analysis, node: fx.Node) -> Any:
 
 
 def _full_width(p: slice, width: int) -> bool:
-    """Whether ``p`` keeps every channel, also once fewer are left (``x[:, :C]`` with ``C`` the
-    full width still takes them all)."""
+    """Whether ``p`` keeps every channel, also once fewer are left.
+
+    ``x[:, :C]`` with ``C`` the full width still takes them all.
+    """
     start, stop, step = p.start, p.stop, p.step
     return (
         step in (None, 1)
@@ -221,6 +231,8 @@ def _full_width(p: slice, width: int) -> bool:
 
 
 def reduce(scale: bool) -> Rule:
+    """The rule for a reduction over other dims than the channels (``scale``: a sum)."""
+
     def rule(a: Analysis, node: fx.Node) -> Any:
         x, in_shape = input_space(a, node)
         if x is None or in_shape is None:
@@ -240,6 +252,7 @@ def reduce(scale: bool) -> Rule:
 
 
 def permute(a: Analysis, node: fx.Node) -> Any:
+    """Rule for ``permute``/``transpose``: the channel dimension moves with the permutation."""
     x, in_shape = input_space(a, node)
     if in_shape is None:
         return a.unknown(node)
@@ -284,6 +297,7 @@ def _is_literal(size: Any) -> bool:
 
 
 def view_literal(node: fx.Node, pos: int) -> bool:
+    """Whether ``view``/``reshape`` writes the size of output dim ``pos`` in the code."""
     sizes = _literal_sizes(node)
     out_shape = shape_of(node) or ()
     if len(sizes) != len(out_shape):
@@ -292,6 +306,7 @@ def view_literal(node: fx.Node, pos: int) -> bool:
 
 
 def unflatten_literal(a: Analysis, node: fx.Node, pos: int) -> bool:
+    """Whether ``unflatten`` writes the size of output dim ``pos`` in the code."""
     if node.op == "call_module":
         m = cast(nn.Unflatten, a.module(node))
         dim, sizes = m.dim, list(m.unflattened_size)
@@ -305,6 +320,8 @@ def unflatten_literal(a: Analysis, node: fx.Node, pos: int) -> bool:
 
 
 def reshape(literal: Callable[[Analysis, fx.Node, int], bool]) -> Rule:
+    """The rule for a reshape; ``literal`` tells whether a size is written in the code."""
+
     def rule(a: Analysis, node: fx.Node) -> Any:
         x, in_shape = input_space(a, node)
         out_shape = shape_of(node)
@@ -344,6 +361,7 @@ def reshape(literal: Callable[[Analysis, fx.Node, int], bool]) -> Rule:
 
 
 def shuffle(a: Analysis, node: fx.Node) -> Any:
+    """Rule for the channel shuffle: it merges the channels it interleaves."""
     x, _ = input_space(a, node)
     groups = a.module(node).groups if node.op == "call_module" else arg(node, 1, "groups")
     if x is None or x.dim != 1 or x.slots.dim() != 1 or not isinstance(groups, int):
@@ -355,8 +373,10 @@ def shuffle(a: Analysis, node: fx.Node) -> Any:
 
 
 def tuple_rule(a: Analysis, node: fx.Node) -> Any:
+    """Rule for building a tuple: the tuple of its arguments' spaces."""
     return tuple(a.space(arg) for arg in node.args)
 
 
 def ignore(a: Analysis, node: fx.Node) -> Any:
+    """Rule for an op whose result carries no channels (``getattr``, ``len``)."""
     return None

@@ -307,9 +307,12 @@ def _leaf_channelwise(a: Analysis, node: fx.Node) -> Any:
 
 
 def _functional_batch_norm(a: Analysis, node: fx.Node) -> Any:
-    """``F.batch_norm(x, mean, var, weight, bias, training=False, ...)`` with the statistics and
-    the affine parameters a module's own tensors (a zoo's norm written in a larger ``forward``):
-    like a BatchNorm layer, its tensors sliced with the channels."""
+    """``F.batch_norm(...)`` whose tensors are a module's own: like a BatchNorm layer.
+
+    That is ``F.batch_norm(x, mean, var, weight, bias, training=False, ...)`` with the statistics
+    and the affine parameters a module's own tensors (a zoo's norm written in a larger ``forward``):
+    like a BatchNorm layer, its tensors sliced with the channels.
+    """
     x, in_shape = input_space(a, node)
     if x is None or in_shape is None or x.dim != 1 or x.slots.dim() != 1:
         return a.unknown(node)

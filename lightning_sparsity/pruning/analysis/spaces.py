@@ -40,14 +40,17 @@ class Space:
     fixed_axis: int | None = None
 
     def with_value(self, value: Tensor) -> Space:
+        """This space with the values ``value`` (non-finite entries become NaN)."""
         return replace(self, value=finite(value))
 
 
 @dataclass(frozen=True, eq=False)
 class ParamRef:
-    """A per-channel parameter or buffer used directly in ``forward`` (a layer scale
-    ``x * self.gamma.view(1, -1, 1, 1)``): one dimension of ``size`` entries, at ``pos`` in a
-    tensor of ``rank`` dimensions, which is the parameter's own dimension ``axis``.
+    """A per-channel parameter or buffer used directly in ``forward``.
+
+    For example a layer scale ``x * self.gamma.view(1, -1, 1, 1)``: one dimension of ``size``
+    entries, at ``pos`` in a tensor of ``rank`` dimensions, which is the parameter's own dimension
+    ``axis``.
 
     Attributes:
         target: the parameter's qualified name (relative to the graph).
@@ -101,11 +104,13 @@ class UnionFind:
         return len(self.parent)
 
     def new(self, n: int) -> Tensor:
+        """``n`` new slots, each a set of its own; their indices."""
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
         return torch.arange(start, start + n, dtype=torch.long)
 
     def find(self, i: int) -> int:
+        """The root of slot ``i``'s set (halving the path on the way)."""
         parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
@@ -126,6 +131,7 @@ class UnionFind:
             self.union(flat[1:], flat[:1].expand(flat.numel() - 1))
 
     def roots(self) -> Tensor:
+        """The root of every slot, indexed by slot."""
         return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
 
 
