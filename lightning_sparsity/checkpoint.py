@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,8 @@ def save_pruned_checkpoint(
     epoch: int = 0,
     global_step: int = 0,
     metadata: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write :func:`pruned_checkpoint` of ``module`` to ``path`` atomically.
 
@@ -237,6 +240,9 @@ def save_pruned_checkpoint(
     Load it with ``MyModule.load_from_checkpoint(path)`` (``MyModule`` mixes in
     :class:`PrunedCheckpointMixin`) or ``load_pruned(path, MyModule(...))``.
 
+    ``inputs``: see :func:`pruned_checkpoint`; ``check``: a further check of the temporary file
+    (e.g. reload it and compare outputs) before it replaces ``path``.
+
     Raises:
         TypeError: ``module`` is not a LightningModule, or ``metadata`` is not plain data.
     """
@@ -245,9 +251,13 @@ def save_pruned_checkpoint(
             f"`save_pruned_checkpoint(module=...)`: expected a LightningModule, got "
             f"{type(module).__name__}. HINT: use `save_pruned` for a plain nn.Module"
         )
-    checkpoint = pruned_checkpoint(module, epoch=epoch, global_step=global_step, metadata=metadata)
-    return atomic_write(
-        path,
-        lambda tmp: torch.save(checkpoint, tmp),
-        check=lambda tmp: read_checkpoint(tmp, owner="save_pruned_checkpoint"),
+    checkpoint = pruned_checkpoint(
+        module, epoch=epoch, global_step=global_step, metadata=metadata, inputs=inputs
     )
+
+    def check_file(tmp: Path) -> None:
+        read_checkpoint(tmp, owner="save_pruned_checkpoint")
+        if check is not None:
+            check(tmp)
+
+    return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), check=check_file)

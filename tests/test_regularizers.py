@@ -593,7 +593,7 @@ def test_splitting_misconfiguration() -> None:
         VariableSplitting(0.1, beta=1.0, beta_growth=0.5)
     with pytest.raises(ValueError, match=r"`growth_every_n_epochs` >= 1, got 0"):
         VariableSplitting(0.1, beta=1.0, growth_every_n_epochs=0)
-    with pytest.raises(ValueError, match=r"expected `divide_by` > 0"):
+    with pytest.raises(ValueError, match=r"expected `divide_by` finite and > 0"):
         VariableSplitting(0.1, beta=1.0, divide_by=0)
     with pytest.raises(ValueError, match=r"expected `strength` finite and >= 0, got nan"):
         VariableSplitting(float("nan"), beta=1.0)

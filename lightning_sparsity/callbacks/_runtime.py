@@ -6,6 +6,7 @@ The strategy guard, the NaN guard, the logging cadence and the optimizer lookups
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +83,24 @@ def log_due(trainer: Any, every: int | None, *, after_step: bool) -> bool:
 def optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     """The ``id`` of every parameter an optimizer updates."""
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def log_report(trainer: Any, report: Any, paths: dict[str, Path], *, owner: str) -> None:
+    """Log an export: files and report as text, ``export/...`` metrics, TensorBoard text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_info
+
+    listing = "\n".join(f"  {fmt}: {path}" for fmt, path in paths.items())
+    rank_zero_info(f"`{owner}` wrote:\n{listing}\n{report}")
+    metrics = {  # export/params, export/params_before, export/params_removed, .../macs...
+        f"export/{key.removesuffix('_after')}": float(value)
+        for key, value in report.to_dict().items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    for logger in trainer.loggers:
+        if metrics:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
+            text = "\n".join("    " + line for line in str(report).splitlines())
+            logger.experiment.add_text("export/report", text, global_step=trainer.global_step)
+        logger.save()

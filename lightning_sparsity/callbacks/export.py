@@ -10,20 +10,20 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_sparsity.callbacks._order import OrderedCallback
-from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
-from lightning_sparsity.checkpoint import PrunedCheckpointMixin, pruned_checkpoint
+from lightning_sparsity.callbacks._runtime import log_report, refuse_sharded_strategy
+from lightning_sparsity.checkpoint import PrunedCheckpointMixin, save_pruned_checkpoint
 from lightning_sparsity.pruning.deploy import as_args, missing_onnx_packages, run_outputs
-from lightning_sparsity.pruning.serialization import atomic_write, load_pruned, read_checkpoint
+from lightning_sparsity.pruning.serialization import load_pruned, remove_stale_temporaries
 from lightning_sparsity.pruning.widths import describe_inputs
 from lightning_sparsity.pruning.writers import (
     FORMATS,
     Format,
+    check_destination,
     check_formats,
     check_outputs,
     write_network,
@@ -130,43 +130,12 @@ class PrunedExport(OrderedCallback):
         self.report: Any = None
 
     def _validate(self) -> None:
-        if self.dirpath is not None and not isinstance(self.dirpath, str | os.PathLike):
-            fail(
-                _OWNER,
-                "dirpath",
-                self.dirpath,
-                "a path or None",
-                got=type(self.dirpath).__name__,
-                error=TypeError,
-            )
-        if not isinstance(self.filename, str):
-            fail(
-                _OWNER,
-                "filename",
-                self.filename,
-                "a str",
-                got=type(self.filename).__name__,
-                error=TypeError,
-            )
-        if not self.filename or os.sep in self.filename or "/" in self.filename:
-            fail(
-                _OWNER,
-                "filename",
-                self.filename,
-                "a non-empty file name without directories",
-                hint="put the directory in `dirpath`.",
-            )
+        check_destination(self.dirpath, self.filename, owner=_OWNER)
         if self.example_inputs is not None:
             as_args(self.example_inputs, _OWNER)
         if self.submodule is not None and not isinstance(self.submodule, str):
-            fail(
-                _OWNER,
-                "submodule",
-                self.submodule,
-                "a str or None",
-                got=type(self.submodule).__name__,
-                error=TypeError,
-            )
+            fail(_OWNER, "submodule", self.submodule, "a str or None",
+                 got=type(self.submodule).__name__, error=TypeError)  # fmt: skip
         for arg in ("verify", "dynamic_batch", "allow_unchanged"):
             check_bool(getattr(self, arg), owner=_OWNER, arg=arg)
         for arg in ("rtol", "atol"):
@@ -243,7 +212,8 @@ class PrunedExport(OrderedCallback):
         error: BaseException | None = None
         if trainer.is_global_zero:
             try:
-                self._remove_stale_temporaries(dirpath)
+                for stale in remove_stale_temporaries(dirpath, self.filename):
+                    rank_zero_info(f"`{_OWNER}`: removed {stale}, left by an interrupted export")
                 paths, report = self._export(trainer, pl_module, dirpath)
                 outcome = ("ok", paths, report)
             except Exception as err:
@@ -280,15 +250,6 @@ class PrunedExport(OrderedCallback):
             self._captured = tuple(t.detach().to("cpu") for t in captured)
 
     # ------------------------------------------------------------------ work
-    def _remove_stale_temporaries(self, dirpath: Path) -> None:
-        """Delete temporary files an earlier, killed export left beside its targets."""
-        if not dirpath.is_dir():
-            return
-        for stale in dirpath.glob(f".{self.filename}.*.tmp*"):
-            if stale.is_file():
-                stale.unlink()
-                rank_zero_info(f"`{_OWNER}`: removed {stale}, left by an interrupted export")
-
     def _default_dir(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir) / "pruned"  # log_dir: all ranks
 
@@ -370,7 +331,7 @@ class PrunedExport(OrderedCallback):
                     atol=self.atol,
                     dynamic_batch=self.dynamic_batch,
                 )
-        self._log(trainer, report, paths)
+        log_report(trainer, report, paths, owner=_OWNER)
         return paths, report
 
     def _write_ckpt(
@@ -383,40 +344,19 @@ class PrunedExport(OrderedCallback):
         path: Path,
         metadata: dict[str, Any],
     ) -> Path:
-        checkpoint = pruned_checkpoint(
+        expected = run_outputs(module.get_submodule(name), example)
+
+        def reload(tmp: Path) -> None:  # into a full-width copy of the trained module
+            fresh = load_pruned(tmp, copy.deepcopy(pl_module).cpu()).get_submodule(name).eval()
+            check_outputs(expected, fresh, example, path, rtol=self.rtol, atol=self.atol,
+                          owner=_OWNER)  # fmt: skip
+
+        return save_pruned_checkpoint(
             module,
+            path,
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
             metadata=metadata,
             inputs=describe_inputs(example, name),
+            check=reload if self.verify else None,
         )
-        network = module.get_submodule(name)
-        expected = run_outputs(network, example)
-
-        def check(tmp: Path) -> None:
-            read_checkpoint(tmp, owner=_OWNER)
-            if self.verify:  # reload into a full-width copy of the trained module
-                fresh = copy.deepcopy(pl_module).cpu()
-                load_pruned(tmp, fresh)
-                reloaded = fresh.get_submodule(name).eval()
-                check_outputs(
-                    expected, reloaded, example, path, rtol=self.rtol, atol=self.atol, owner=_OWNER
-                )
-
-        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), check)
-
-    def _log(self, trainer: pl.Trainer, report: Any, paths: dict[str, Path]) -> None:
-        listing = "\n".join(f"  {fmt}: {path}" for fmt, path in paths.items())
-        rank_zero_info(f"`{_OWNER}` wrote:\n{listing}\n{report}")
-        metrics = {  # export/params, export/params_before, export/params_removed, .../macs...
-            f"export/{key.removesuffix('_after')}": float(value)
-            for key, value in report.to_dict().items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-        }
-        for logger in trainer.loggers:
-            if metrics:
-                logger.log_metrics(metrics, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
-                text = "\n".join("    " + line for line in str(report).splitlines())
-                logger.experiment.add_text("export/report", text, global_step=trainer.global_step)
-            logger.save()

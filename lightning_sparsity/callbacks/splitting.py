@@ -10,10 +10,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparsity.callbacks._amp import step_skipped, unscaled_found_inf
+from lightning_sparsity.callbacks._copies import copies_as_weights, restore_copies
 from lightning_sparsity.callbacks._runtime import log_due, raise_if_nonfinite
 from lightning_sparsity.callbacks._targeted import TargetedCallback
 from lightning_sparsity.functional.splitting import (
     PAPER_RECIPE,
+    check_splitting,
     sparse_copy_,
     splitting_grads_,
     splitting_threshold,
@@ -23,8 +25,6 @@ from lightning_sparsity.selection import LayerSpec
 from lightning_sparsity.validation import (
     Strength,
     check_bool,
-    check_float,
-    check_int,
     describe,
 )
 
@@ -119,17 +119,17 @@ class VariableSplitting(TargetedCallback):
         super().__init__(
             strength, granularity, layers, log_every_n_steps, check_finite, linear_granularity
         )
-        self.initial_beta = check_float(beta, owner=self.OWNER, arg="beta", low=0, strict_low=True)
-        self.beta_growth = check_float(beta_growth, owner=self.OWNER, arg="beta_growth", low=1.0)
-        self.growth_every_n_epochs = check_int(
-            growth_every_n_epochs,
+        check_splitting(
+            beta=beta,
+            beta_growth=beta_growth,
+            growth_every_n_epochs=growth_every_n_epochs,
+            divide_by=divide_by,
             owner=self.OWNER,
-            arg="growth_every_n_epochs",
-            low=1,
-            hint="`beta_growth=1.0` keeps beta constant.",
         )
+        self.initial_beta = beta
+        self.beta_growth = beta_growth
+        self.growth_every_n_epochs = growth_every_n_epochs
         self.divide_by = divide_by
-        check_float(divide_by, owner=self.OWNER, arg="divide_by", low=0, strict_low=True)
         self.scale_by_size = check_bool(scale_by_size, owner=self.OWNER, arg="scale_by_size")
         self.final_projection = check_bool(
             final_projection, owner=self.OWNER, arg="final_projection"
@@ -210,13 +210,8 @@ class VariableSplitting(TargetedCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Store ``U`` as the model's weights (``W`` is in this callback's state)."""
-        weights = checkpoint.get("state_dict")
-        if not self.final_projection or not isinstance(weights, dict):
-            return
-        for name, u in self.U.items():
-            key = self._state_keys.get(name)
-            if key in weights and weights[key].shape == u.shape:
-                weights[key] = u.detach().to(weights[key].device, weights[key].dtype).clone()
+        if self.final_projection:
+            copies_as_weights(checkpoint, self.U, self._state_keys)
 
     def _exported_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(weight, what the export will hold instead)``: ``(W, U)`` per layer, during fit."""
@@ -237,34 +232,9 @@ class VariableSplitting(TargetedCallback):
         super()._train_start(trainer, pl_module)
         self._stepped = False
         self._found_inf = None
-        restored = (self._restored or {}).get("U") or {}
-        trained = (self._restored or {}).get("W") or {}
+        initial = lambda w: sparse_copy_(w, torch.empty_like(w), self.threshold)  # noqa: E731
+        self.U = restore_copies(self._restored, self._targets, initial, self.OWNER)
         self._restored = None
-        if restored:
-            self._check_restored(restored)
-        if trained:
-            self._check_restored(trained)
-        with torch.no_grad():
-            for t in self._targets:  # the checkpoint's state_dict held U: put W back
-                if t.name in trained:
-                    t.param.copy_(trained[t.name])
-            self.U = {}
-            for t in self._targets:
-                w = t.param.detach()
-                u = restored.get(t.name)
-                self.U[t.name] = (
-                    u.to(w.device, w.dtype).clone() if u is not None else self._initial_copy(w)
-                )
-
-    def _check_restored(self, restored: dict[str, Tensor]) -> None:
-        shapes = {t.name: tuple(t.param.shape) for t in self._targets}
-        bad = {n: tuple(u.shape) for n, u in restored.items() if shapes.get(n) != tuple(u.shape)}
-        if bad or set(restored) != set(shapes):
-            raise RuntimeError(
-                f"`{self.OWNER}`: the checkpoint's U holds layers {bad or sorted(restored)}, "
-                f"which do not match the selected layers {shapes}. HINT: resume with the same "
-                "model, `layers=` and granularities."
-            )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,9 +295,6 @@ class VariableSplitting(TargetedCallback):
         # after the thresholding round: a killed filter leaves U too
         if self.U:
             self._update_u()
-
-    def _initial_copy(self, w: Tensor) -> Tensor:
-        return sparse_copy_(w, torch.empty_like(w), self.threshold)
 
     @torch.no_grad()
     def _update_u(self) -> None:

@@ -13,24 +13,14 @@ from typing_extensions import override
 from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.functional.scores import (
-    CRITERIA,
-    FILTER_NORMS,
     Criterion,
     FilterNorm,
+    check_round,
     threshold_round,
 )
-from lightning_sparsity.pruning.masks import (
-    FilterGroup,
-    build_groups,
-    zero_filters,
-    zero_grads,
-    zero_optimizer_state,
-)
+from lightning_sparsity.pruning.masks import FilterGroup, FilterMasks, build_groups
 from lightning_sparsity.selection import LayerSpec, resolve_network, select_layers
 from lightning_sparsity.validation import (
-    check_bool,
-    check_choice,
-    check_float,
     check_int,
     check_optional,
     describe,
@@ -38,7 +28,6 @@ from lightning_sparsity.validation import (
 )
 
 _OWNER = "FilterThresholding"
-CALLABLE_HINT = "or pass a callable `weight -> scores[out]`."
 
 
 class FilterThresholding(OrderedCallback):
@@ -134,12 +123,14 @@ class FilterThresholding(OrderedCallback):
         self.layers = layers
         self._validate()
         super().__init__()
-        #: layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter.
-        self.masks: dict[str, Tensor] = {}
         self.rounds = 0
-        self._groups: dict[str, FilterGroup] = {}
+        self._filters = FilterMasks({})
         self._last_kill = (-1, 0)  # (global step, filters killed) of the last round
-        self._dead: dict[str, Tensor] = {}
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter."""
+        return self._filters.masks
 
     def __repr__(self) -> str:
         return (
@@ -149,61 +140,19 @@ class FilterThresholding(OrderedCallback):
         )
 
     def _validate(self) -> None:
-        owner = _OWNER
-        t = check_optional(check_float, self.threshold, owner=owner, arg="threshold", low=0.0)
-        check_choice(self.norm, FILTER_NORMS, owner=owner, arg="norm")
-        if check_bool(self.relative, owner=owner, arg="relative") and t is not None and t > 1:
-            fail(
-                owner,
-                "threshold",
-                t,
-                "`threshold` <= 1 with `relative=True` (a fraction of "
-                "the layer's largest filter norm)",
-            )
-        c = self.criterion
-        if isinstance(c, str):
-            check_choice(c, CRITERIA, owner=_OWNER, arg="criterion", hint=CALLABLE_HINT)
-        elif not (c is None or callable(c)):
-            fail(
-                _OWNER,
-                "criterion",
-                c,
-                f"a name in {list(CRITERIA)}, a callable or None",
-                got=type(c).__name__,
-                error=TypeError,
-            )
-        f = check_optional(
-            check_float,
-            self.fraction,
-            owner=owner,
-            arg="fraction",
-            low=0.0,
-            high=1.0,
-            strict_high=True,
+        check_round(
+            threshold=self.threshold,
+            norm=self.norm,
+            relative=self.relative,
+            criterion=self.criterion,
+            fraction=self.fraction,
+            cap=self.cap,
+            owner=_OWNER,
         )
-        if (c is None) != (f is None):
-            fail(
-                owner,
-                "fraction",
-                f,
-                "`criterion` and `fraction` together",
-                got=f"criterion={describe(c)!r}",
-                hint="`criterion='l1', fraction=0.1` kills the 10% lowest-L1 live filters.",
-            )
-        if t is None and c is None:
-            fail(
-                owner,
-                "threshold",
-                None,
-                "a `threshold` or a `criterion` with a `fraction`",
-                got="neither",
-                hint="`FilterThresholding(threshold=1e-3)`.",
-            )
-        check_optional(check_float, self.cap, owner=owner, arg="cap", low=0.0, strict_low=True)
-        check_int(self.every_n_epochs, owner=owner, arg="every_n_epochs", low=1)
-        check_int(self.start_epoch, owner=owner, arg="start_epoch", low=0)
-        check_int(self.min_filters, owner=owner, arg="min_filters", low=1)
-        check_optional(check_int, self.max_rounds, owner=owner, arg="max_rounds", low=1)
+        check_int(self.every_n_epochs, owner=_OWNER, arg="every_n_epochs", low=1)
+        check_int(self.start_epoch, owner=_OWNER, arg="start_epoch", low=0)
+        check_int(self.min_filters, owner=_OWNER, arg="min_filters", low=1)
+        check_optional(check_int, self.max_rounds, owner=_OWNER, arg="max_rounds", low=1)
 
     @property
     def state_key(self) -> str:
@@ -235,17 +184,18 @@ class FilterThresholding(OrderedCallback):
         names = [layer.name for layer in selected if not layer.is_output]
         if not names:
             rank_zero_warn(f"`{_OWNER}`: no layer to threshold (only output layers).")
-        self._groups = build_groups(network, names, owner=_OWNER)
-        for name, group in self._groups.items():
+        groups = build_groups(network, names, owner=_OWNER)
+        for name, group in groups.items():
             if self.min_filters > group.out_features:
-                raise ValueError(
-                    f"`{_OWNER}(min_filters={self.min_filters!r})`: expected `min_filters` <= the "
-                    f"number of filters of every thresholded layer, got {name!r} with "
-                    f"{group.out_features}. HINT: lower `min_filters` or pass `layers=`."
+                fail(
+                    _OWNER,
+                    "min_filters",
+                    self.min_filters,
+                    "`min_filters` <= the number of filters of every thresholded layer",
+                    got=f"{name!r} with {group.out_features}",
+                    hint="lower `min_filters` or pass `layers=`.",
                 )
-            if name not in self.masks:
-                self.masks[name] = torch.ones(group.out_features, dtype=torch.bool)
-        self._refresh_dead()
+        self._filters = FilterMasks(groups, self.masks)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -257,50 +207,24 @@ class FilterThresholding(OrderedCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         masks = state_dict.get("masks", {})
-        self.masks = {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()}
+        masks = {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()}
+        self._filters = FilterMasks(self._filters.groups, masks)
         self.rounds = int(state_dict.get("rounds", 0))
-        self._refresh_dead()
-
-    def _check_masks(self) -> None:
-        unknown = sorted(set(self.masks) - set(self._groups))
-        if unknown:
-            raise RuntimeError(
-                f"`{_OWNER}`: restored masks name layers {unknown} that this callback "
-                f"does not threshold (it has {sorted(self._groups)}). HINT: resume with the same "
-                "`layers=` and model."
-            )
-        for name, group in self._groups.items():
-            if self.masks[name].shape != (group.out_features,):
-                raise RuntimeError(
-                    f"`{_OWNER}`: restored mask of {name!r} has "
-                    f"{self.masks[name].numel()} entries, the layer has {group.out_features} "
-                    "filters. HINT: resume into the unpruned model the checkpoint came from."
-                )
-
-    def _refresh_dead(self) -> None:
-        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
-
-    def _apply(self, trainer: pl.Trainer) -> None:
-        for name, dead in self._dead.items():
-            group = self._groups[name]
-            zero_filters(group, dead)
-            zero_optimizer_state(trainer.optimizers, group, dead)
 
     # ------------------------------------------------------------------ hooks
     def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_masks()
-        self._apply(trainer)
+        self._filters.check(_OWNER)
+        self._filters.apply(trainer.optimizers)
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for name, dead in self._dead.items():
-            zero_grads(self._groups[name], dead)
+        self._filters.zero_grads()
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
-        self._apply(trainer)
+        self._filters.apply(trainer.optimizers)
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -308,19 +232,16 @@ class FilterThresholding(OrderedCallback):
             return
         if self.max_rounds is not None and self.rounds >= self.max_rounds:
             return
-        masks = {name: self._decide(group) for name, group in self._groups.items()}
-        masks = trainer.strategy.broadcast(masks, src=0)
-        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items())
+        masks = {name: self._decide(group) for name, group in self._filters.groups.items()}
+        masks = trainer.strategy.broadcast(masks, src=0)  # identical decisions on every rank
+        killed = self._filters.update(masks, trainer.optimizers)
         self._last_kill = (trainer.global_step, killed)
-        self.masks = masks
         self.rounds += 1
-        self._refresh_dead()
-        self._apply(trainer)
-        live = {name: int(mask.sum()) for name, mask in self.masks.items()}
+        live = self._filters.live()
         rank_zero_info(f"`{_OWNER}` round {self.rounds} (epoch {epoch}): live {live}")
 
     def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply(trainer)
+        self._filters.apply(trainer.optimizers)
         step, killed = self._last_kill
         if killed and step == trainer.global_step:
             rank_zero_warn(

@@ -25,7 +25,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_sparsity.validation import check_choice, fail
+from lightning_sparsity.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_optional,
+    describe,
+    fail,
+)
 
 #: A filter norm: Euclidean, sum of magnitudes or mean magnitude.
 FilterNorm = Literal["l2", "l1", "mean_abs"]
@@ -204,6 +211,83 @@ def filter_scores(
             got=f"shape {tuple(scores.shape)}",
         )
     return scores
+
+
+def check_round(
+    *,
+    threshold: float | None,
+    norm: str,
+    relative: bool,
+    criterion: Criterion | None,
+    fraction: float | None,
+    cap: float | None,
+    owner: str = "threshold_round",
+) -> None:
+    """Raise (one message template) unless the arguments describe a valid :func:`threshold_round`.
+
+    Example::
+
+        >>> check_round(threshold=None, norm="l2", relative=False, criterion="l1", fraction=None,
+        ...             cap=None, owner="FilterThresholding")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `FilterThresholding(fraction=None)`: expected `criterion` and `fraction` ...
+    """
+    t = check_optional(check_float, threshold, owner=owner, arg="threshold", low=0.0)
+    check_choice(norm, FILTER_NORMS, owner=owner, arg="norm")
+    if check_bool(relative, owner=owner, arg="relative") and t is not None and t > 1:
+        fail(
+            owner,
+            "threshold",
+            t,
+            "`threshold` <= 1 with `relative=True` (a fraction of the layer's largest filter norm)",
+        )
+    c = criterion
+    if isinstance(c, str):
+        check_choice(
+            c,
+            CRITERIA,
+            owner=owner,
+            arg="criterion",
+            hint="or pass a callable `weight -> scores[out]`.",
+        )
+    elif not (c is None or callable(c)):
+        fail(
+            owner,
+            "criterion",
+            c,
+            f"a name in {list(CRITERIA)}, a callable or None",
+            got=type(c).__name__,
+            error=TypeError,
+        )
+    f = check_optional(
+        check_float,
+        fraction,
+        owner=owner,
+        arg="fraction",
+        low=0.0,
+        high=1.0,
+        strict_high=True,
+    )
+    if (c is None) != (f is None):
+        fail(
+            owner,
+            "fraction",
+            f,
+            "`criterion` and `fraction` together",
+            got=f"criterion={describe(c)!r}",
+            hint="`criterion='l1', fraction=0.1` kills the 10% lowest-L1 live filters.",
+        )
+    if t is None and c is None:
+        fail(
+            owner,
+            "threshold",
+            None,
+            "a `threshold` or a `criterion` with a `fraction`",
+            got="neither",
+            hint="`FilterThresholding(threshold=1e-3)`.",
+        )
+    check_optional(check_float, cap, owner=owner, arg="cap", low=0.0, strict_low=True)
 
 
 def threshold_round(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparsity.functional.penalties import GroupLasso
+from lightning_sparsity.validation import check_float, check_int
 
 #: Bui et al.'s LeNet-5 / MNIST settings (with Adam, lr 1e-3, batch 100, and the regularizer
 #: divided by the training-set size): the group term on conv filters and on the input neurons of
@@ -27,6 +28,35 @@ PAPER_RECIPE: dict[str, Any] = {
     "growth_every_n_epochs": 40,
     "linear_granularity": "channel",
 }
+
+
+def check_splitting(
+    *,
+    beta: float,
+    beta_growth: float,
+    growth_every_n_epochs: int,
+    divide_by: float,
+    owner: str = "VariableSplitting",
+) -> None:
+    """Raise (one message template) unless the coupling schedule and the divisor are valid.
+
+    Example::
+
+        >>> check_splitting(beta=0.0, beta_growth=1.25, growth_every_n_epochs=40, divide_by=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `VariableSplitting(beta=0.0)`: expected `beta` finite and > 0, got 0.0.
+    """
+    check_float(beta, owner=owner, arg="beta", low=0, strict_low=True)
+    check_float(beta_growth, owner=owner, arg="beta_growth", low=1.0)
+    check_int(
+        growth_every_n_epochs,
+        owner=owner,
+        arg="growth_every_n_epochs",
+        low=1,
+        hint="`beta_growth=1.0` keeps beta constant.",
+    )
+    check_float(divide_by, owner=owner, arg="divide_by", low=0, strict_low=True)
 
 
 def splitting_grads_(

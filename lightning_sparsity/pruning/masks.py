@@ -144,3 +144,75 @@ def kill_filters(
     groups = build_groups(model, list(dead), owner)
     for name, idx in dead.items():
         zero_filters(groups[name], torch.as_tensor(idx, dtype=torch.long).flatten())
+
+
+class FilterMasks:
+    """Live masks of filter groups that stay applied: dead filters, gradients and optimizer state.
+
+    ``masks`` maps a layer name to a bool ``[out]`` tensor on the CPU (``True`` = live). A layer
+    without a mask is all live.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+        >>> masks = FilterMasks(build_groups(net, ["0"], "doc"))
+        >>> masks.update({"0": torch.tensor([True, False, True])})
+        1
+        >>> net[1].weight.tolist()
+        [1.0, 0.0, 1.0]
+    """
+
+    def __init__(self, groups: dict[str, FilterGroup], masks: dict[str, Tensor] | None = None):
+        self.groups = groups
+        self.masks = {
+            name: torch.ones(g.out_features, dtype=torch.bool) for name, g in groups.items()
+        }
+        self.masks.update(masks or {})
+        self._dead: dict[str, Tensor] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
+
+    def check(self, owner: str) -> None:
+        """Raise unless every mask names a grouped layer and has one entry per filter."""
+        unknown = sorted(set(self.masks) - set(self.groups))
+        if unknown:
+            raise RuntimeError(
+                f"`{owner}`: restored masks name layers {unknown} that this callback does not "
+                f"threshold (it has {sorted(self.groups)}). HINT: resume with the same `layers=` "
+                "and model."
+            )
+        for name, group in self.groups.items():
+            if self.masks[name].shape != (group.out_features,):
+                raise RuntimeError(
+                    f"`{owner}`: restored mask of {name!r} has {self.masks[name].numel()} entries, "
+                    f"the layer has {group.out_features} filters. HINT: resume into the unpruned "
+                    "model the checkpoint came from."
+                )
+
+    def update(
+        self, masks: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> int:
+        """Replace the masks, kill the newly dead filters; returns how many were killed."""
+        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items() if n in self.masks)
+        self.masks = {**self.masks, **masks}
+        self._refresh()
+        self.apply(optimizers)
+        return killed
+
+    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Zero the dead filters (:func:`zero_filters`) and their optimizer state."""
+        optimizers = list(optimizers)
+        for name, dead in self._dead.items():
+            zero_filters(self.groups[name], dead)
+            zero_optimizer_state(optimizers, self.groups[name], dead)
+
+    def zero_grads(self) -> None:
+        """Zero the dead filters' gradients (before an optimizer step)."""
+        for name, dead in self._dead.items():
+            zero_grads(self.groups[name], dead)
+
+    def live(self) -> dict[str, int]:
+        """Live filters per layer."""
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}

@@ -270,3 +270,16 @@ def load_pruned(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         ) from err
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def remove_stale_temporaries(dirpath: Path, filename: str) -> list[Path]:
+    """Delete the temporary files of ``filename.*`` that a killed :func:`atomic_write` left.
+
+    Returns the deleted files (those in ``dirpath``).
+    """
+    if not dirpath.is_dir():
+        return []
+    stale = [p for p in dirpath.glob(f".{filename}.*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale

@@ -7,6 +7,7 @@ The Lightning checkpoint format (``"ckpt"``) is written by
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,36 @@ def check_formats(formats: Any, *, owner: str) -> tuple[str, ...]:
     if len(set(formats)) != len(formats):
         fail(owner, "formats", formats, "each format once")
     return formats
+
+
+def check_destination(dirpath: Any, filename: Any, *, owner: str) -> None:
+    """Raise unless ``dirpath`` is a path or ``None`` and ``filename`` a bare file name."""
+    if dirpath is not None and not isinstance(dirpath, str | os.PathLike):
+        fail(
+            owner,
+            "dirpath",
+            dirpath,
+            "a path or None",
+            got=type(dirpath).__name__,
+            error=TypeError,
+        )
+    if not isinstance(filename, str):
+        fail(
+            owner,
+            "filename",
+            filename,
+            "a str",
+            got=type(filename).__name__,
+            error=TypeError,
+        )
+    if not filename or os.sep in filename or "/" in filename:
+        fail(
+            owner,
+            "filename",
+            filename,
+            "a non-empty file name without directories",
+            hint="put the directory in `dirpath`.",
+        )
 
 
 def write_network(
