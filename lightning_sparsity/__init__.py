@@ -3,7 +3,7 @@
 Then export a physically smaller model whose outputs equal the trained one's.
 
 Public names are imported lazily, so ``import lightning_sparsity`` stays cheap and never imports
-torchvision (only :mod:`lightning_sparsity.data` and the examples do).
+torchvision (only [`lightning_sparsity.data`][lightning_sparsity.data] and the examples do).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class PrunedCheckpointMixin(pl.LightningModule):
       fine-tuning a pruned module (``ModelCheckpoint``) load the same way, and
       ``Trainer.fit(MyModule(...), ckpt_path=...)`` resumes such a fine-tuning run.
 
-    The checkpoint written by :class:`~lightning_sparsity.PrunedExport` holds no optimizer state
+    The checkpoint written by [`PrunedExport`][lightning_sparsity.PrunedExport] holds no optimizer
+    state
     (the pruned shapes differ from the trained ones): fine-tune it with
     ``trainer.fit(MyModule.load_from_checkpoint(path))``, not with ``ckpt_path=``.
 
@@ -201,7 +202,8 @@ def pruned_checkpoint(
     ``pytorch-lightning_version``, ``epoch``, ``global_step``, ``pruned_widths`` and
     ``pruned_metadata``; no optimizer or loop state and no pickled class. The module's own
     ``on_save_checkpoint`` is not called (it may need a Trainer). ``inputs``
-    (:func:`~lightning_sparsity.pruning.widths.describe_inputs`) lets loading check with a forward
+    ([`describe_inputs`][lightning_sparsity.pruning.widths.describe_inputs]) lets loading check with
+    a forward
     pass that coupled widths agree.
     """
     checkpoint: dict[str, Any] = {
@@ -232,15 +234,19 @@ def save_pruned_checkpoint(
     inputs: dict[str, Any] | None = None,
     check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write :func:`pruned_checkpoint` of ``module`` to ``path`` atomically.
+    """Write [`pruned_checkpoint`][lightning_sparsity.checkpoint.pruned_checkpoint] atomically.
+
+    It writes ``module``'s checkpoint to ``path``.
 
     That is done after checking that the temporary file opens with ``torch.load(weights_only=True)``
     as a pruned checkpoint.
 
     Load it with ``MyModule.load_from_checkpoint(path)`` (``MyModule`` mixes in
-    :class:`PrunedCheckpointMixin`) or ``load_pruned(path, MyModule(...))``.
+    [`PrunedCheckpointMixin`][lightning_sparsity.PrunedCheckpointMixin]) or ``load_pruned(path,
+    MyModule(...))``.
 
-    ``inputs``: see :func:`pruned_checkpoint`; ``check``: a further check of the temporary file
+    ``inputs``: see [`pruned_checkpoint`][lightning_sparsity.checkpoint.pruned_checkpoint];
+    ``check``: a further check of the temporary file
     (e.g. reload it and compare outputs) before it replaces ``path``.
 
     Raises:

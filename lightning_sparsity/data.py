@@ -403,7 +403,7 @@ class MNISTDataModule(_MNISTLike):
 
     ``val_size`` training samples, drawn by a seeded permutation, validate.
 
-    See :class:`VisionDataModule` for the arguments.
+    See [`VisionDataModule`][lightning_sparsity.data.VisionDataModule] for the arguments.
 
     Example::
 
@@ -420,7 +420,7 @@ class MNISTDataModule(_MNISTLike):
 class FashionMNISTDataModule(_MNISTLike):
     """Fashion-MNIST (60k train, 10k test, 1x28x28), normalised with mean 0.2860 and std 0.3530.
 
-    See :class:`VisionDataModule` for the arguments.
+    See [`VisionDataModule`][lightning_sparsity.data.VisionDataModule] for the arguments.
     """
 
     dataset_class = datasets.FashionMNIST
@@ -434,7 +434,7 @@ class CIFAR10DataModule(VisionDataModule):
     The training split is augmented with a random 32x32 crop of the 4-pixel zero-padded image and
     a horizontal flip; validation and test are not.
 
-    See :class:`VisionDataModule` for the arguments.
+    See [`VisionDataModule`][lightning_sparsity.data.VisionDataModule] for the arguments.
     """
 
     dataset_class = datasets.CIFAR10

@@ -311,7 +311,7 @@ _WRN = re.compile(r"wrn-(\d+)-(\d+)")
 
 
 def available_models() -> list[str]:
-    """The names :func:`build_model` accepts (``wrn-d-k`` stands for any valid depth and width)."""
+    """The names `build_model` accepts (``wrn-d-k`` stands for any valid depth and width)."""
     return [*_REGISTRY, "wrn-d-k"]
 
 

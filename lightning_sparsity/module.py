@@ -22,12 +22,13 @@ class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
     """Cross-entropy classification of any network, with top-1 accuracy from torchmetrics.
 
     The network is ``self.model``; the sparsity callbacks and the export act on it. Through
-    :class:`~lightning_sparsity.PrunedCheckpointMixin`, ``load_from_checkpoint`` also loads a
+    [`PrunedCheckpointMixin`][lightning_sparsity.PrunedCheckpointMixin], ``load_from_checkpoint``
+    also loads a
     physically pruned checkpoint (``PrunedExport``'s ``"ckpt"``) of a model built by name, at its
     pruned widths.
 
     Args:
-        model: a network, or a :func:`~lightning_sparsity.models.build_model` name
+        model: a network, or a [`build_model`][lightning_sparsity.build_model] name
             (``"lenet5"``, ``"vgg16"``, ``"resnet20"``, ``"resnet56"``, ``"wrn-28-10"``...).
         num_classes: number of classes (the output width of a model built by name).
         optimizer: ``"sgd"``, ``"adam"`` or ``"rmsprop"``.

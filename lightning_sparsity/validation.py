@@ -55,7 +55,7 @@ def fail(
     hint: str = "",
     error: type[Exception] = ValueError,
 ) -> NoReturn:
-    """Raise ``error`` with :func:`message`."""
+    """Raise ``error`` with [`message`][lightning_sparsity.validation.message]."""
     raise error(message(owner, arg, value, expected, got, hint))
 
 

@@ -4,7 +4,8 @@ Under ``precision="16-mixed"`` Lightning's ``MixedPrecision`` plugin scales the 
 ``on_before_optimizer_step`` unscales the gradients, except for optimizers that unscale inside
 their own ``step`` (``fused=True``: ``_step_supports_amp_scaling``), whose gradients reach the hook
 still multiplied by the loss scale. A penalty gradient added there would end up divided by the
-scale. :func:`unscaled_found_inf` makes every optimizer's gradients unscaled (the public
+scale. [`unscaled_found_inf`][lightning_sparsity.callbacks._amp.unscaled_found_inf] makes every
+optimizer's gradients unscaled (the public
 ``GradScaler.unscale_``, which the scaler then honours in its ``step``: a fused optimizer is given
 ``grad_scale=None``) and returns GradScaler's verdict on the step: a non-zero ``found_inf`` means
 that ``scaler.step`` will skip it (dynamic loss scaling overflows on purpose now and then).

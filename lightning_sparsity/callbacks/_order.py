@@ -6,12 +6,18 @@ order: penalties are added to the gradients before the dead filters' gradients a
 splitting method's ``W = U`` happens before the masks are re-applied and before the export, the
 epoch-end thresholding round happens before the monitor counts the live filters.
 
-Every sparsity callback derives from :class:`OrderedCallback`, which owns the five Lightning hooks
+Every sparsity callback derives from
+[`OrderedCallback`][lightning_sparsity.callbacks._order.OrderedCallback], which owns the five
+Lightning hooks
 concerned and turns each into a phase (``_train_start``, ``_before_step``, ``_batch_end``,
 ``_epoch_end``, ``_train_end``, which subclasses implement). At train start, before any phase, the
-optimizers restored from a checkpoint are checked (:func:`check_restored_optimizers`). The first
+optimizers restored from a checkpoint are checked
+([`check_restored_optimizers`][lightning_sparsity.callbacks._order.check_restored_optimizers]). The
+first
 sparsity callback that Lightning reaches runs the phase of *all* the sparsity callbacks of the
-Trainer in their canonical order (:meth:`OrderedCallback.rank`); the others see that their phase
+Trainer in their canonical order
+([`OrderedCallback.rank`][lightning_sparsity.callbacks._order.OrderedCallback.rank]); the others see
+that their phase
 already ran for this event and do nothing. The result is the same for every permutation of the
 list, bit for bit.
 """
@@ -33,7 +39,7 @@ PHASES: tuple[str, ...] = ("train_start", "before_step", "batch_end", "epoch_end
 
 
 class OrderedCallback(Callback):
-    """A callback whose order-sensitive work runs in the canonical order of :data:`RANKS`."""
+    """A callback whose order-sensitive work runs in the canonical order of `RANKS`."""
 
     #: Position of this class in each phase (lower first). Subclasses set their own.
     RANKS: ClassVar[dict[str, int]] = {}

@@ -1,6 +1,7 @@
 """The shared shape of the callbacks that act on selected weights every step (private).
 
-:class:`TargetedCallback` holds what the regularizer, the proximal map and the splitting method
+[`TargetedCallback`][lightning_sparsity.callbacks._targeted.TargetedCallback] holds what the
+regularizer, the proximal map and the splitting method
 have in common: a strength (a float or an epoch schedule), the selected layers with their groups,
 the logging cadence, the scratch tensors, and which selected weights an optimizer steps.
 """

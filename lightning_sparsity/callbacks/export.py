@@ -38,15 +38,18 @@ class PrunedExport(OrderedCallback):
     """At the end of training, remove every dead channel and write the smaller model.
 
     On global rank zero (the other ranks wait): prunes a CPU copy of the network with
-    :func:`~lightning_sparsity.prune_model` (outputs checked against the trained network), writes
+    [`prune_model`][lightning_sparsity.prune_model] (outputs checked against the trained network),
+    writes
     each format to ``dirpath/filename.<suffix>`` atomically (a checked temporary file, then
     renamed) and logs the size report. The trained LightningModule is not changed. At the first
     batch it already checks that the network can be analysed and has something to prune.
 
     Formats: ``"ckpt"``, a Lightning checkpoint of the pruned LightningModule that
     ``torch.load(weights_only=True)`` opens (``MyModule.load_from_checkpoint(path)`` with
-    :class:`~lightning_sparsity.PrunedCheckpointMixin`, else ``load_pruned(path, MyModule())``);
-    ``"pt"``, :func:`~lightning_sparsity.save_pruned`; ``"pt2"``, a ``torch.export`` program;
+    [`PrunedCheckpointMixin`][lightning_sparsity.PrunedCheckpointMixin], else ``load_pruned(path,
+    MyModule())``);
+    ``"pt"``, [`save_pruned`][lightning_sparsity.save_pruned]; ``"pt2"``, a ``torch.export``
+    program;
     ``"onnx"``, checked in ONNX Runtime. The batch size is dynamic in ``pt2`` and ``onnx``.
 
     Args:
@@ -83,7 +86,7 @@ class PrunedExport(OrderedCallback):
         write, log ``export/...`` metrics and the report; after the other sparsity callbacks).
 
     After fit: ``self.paths`` (format -> written path) and ``self.report`` (the
-    :class:`~lightning_sparsity.PruneReport`).
+    [`PruneReport`][lightning_sparsity.PruneReport]).
 
     Example::
 

@@ -55,20 +55,21 @@ class SparsityMonitor(OrderedCallback):
     * ``sparsity/<layer>/density``: share of the layer's weights whose magnitude is > ``tolerance``;
     * ``sparsity/filters``: live filters of all monitored layers;
     * ``sparsity/params`` and ``sparsity/macs``: parameters and MACs per sample of the model the
-      export would write now (:func:`~lightning_sparsity.pruning.report.pruned_size`).
+      export would write now ([`pruned_size`][lightning_sparsity.pruning.report.pruned_size]).
 
     With a TensorBoard logger it also writes (rank zero) a custom-scalars layout (one chart with
     every layer's filter count, one with the densities, params, MACs) and per-epoch histograms
     ``sparsity/<layer>/filter_norms``. Wherever it sits in the callback list, an epoch's counts
     include that epoch's thresholding round and count what will be exported (``U`` under
-    :class:`~lightning_sparsity.VariableSplitting`). A first point is logged at step 0.
+    [`VariableSplitting`][lightning_sparsity.VariableSplitting]). A first point is logged at step 0.
 
     Args:
         tolerance: a filter is live when its norm is > ``tolerance`` (>= 0).
         log_every_n_steps: also log every ``n`` optimizer steps; ``0`` (default): epoch ends
             only; ``None``: on the steps the Trainer logs (``Trainer(log_every_n_steps=...)``).
         histograms: write the filter-norm histograms (TensorBoard only).
-        layers: which layers (see :func:`~lightning_sparsity.select_layers`), names relative to
+        layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]), names
+            relative to
             ``pl_module.model`` when the LightningModule has one; output layers are skipped.
         example_inputs: one input sample (a tensor or a tuple of tensors) for the size count;
             ``None`` takes the first sample of the first training batch.

@@ -26,7 +26,7 @@ from lightning_sparsity.validation import Strength, check_choice, describe, fail
 #: ``"auto"``: the optimizer's per-coordinate step; ``"lr"``: the plain learning rate.
 Metric = Literal["auto", "lr"]
 METRICS: tuple[str, ...] = ("auto", "lr")
-#: Deprecated alias of :data:`~lightning_sparsity.functional.proximal.PROXIMAL_PENALTIES`.
+#: Deprecated alias of ``functional.proximal.PROXIMAL_PENALTIES``.
 NORMS = PROXIMAL_PENALTIES
 _UNSET: Any = object()
 
@@ -38,9 +38,11 @@ class ProximalSparsity(TargetedCallback):
     there beats L1).
 
     With ``z`` the weights after the step and ``eta = lr / d`` the per-coordinate step size
-    (:func:`~lightning_sparsity.functional.optim.step_denominator`: RMSprop's ``square_avg``,
+    ([`step_denominator`][lightning_sparsity.functional.optim.step_denominator]: RMSprop's
+    ``square_avg``,
     Adam's bias-corrected moments, Adagrad's sum; the plain ``lr`` for SGD or ``metric="lr"``),
-    :func:`~lightning_sparsity.functional.proximal.proximal_step_` zeroes, for ``"l0"``, each group
+    [`proximal_step_`][lightning_sparsity.functional.proximal.proximal_step_] zeroes, for ``"l0"``,
+    each group
     with ``sum_i z_i^2 / (2 eta_i) <= lambda`` (hard threshold) and, for ``"l1"``, applies the
     exact group soft threshold in that metric. The groups it zeroes are *exactly* zero after every
     step. It runs only after batches where the optimizer stepped (gradient accumulation), with the
@@ -52,7 +54,7 @@ class ProximalSparsity(TargetedCallback):
         penalty: ``"l0"`` (hard thresholds) or ``"l1"`` (soft thresholds).
         granularity: ``"filter"``, ``"channel"``, ``"kernel"`` or ``"weight"``; at ``"filter"`` the
             output layer is skipped.
-        layers: which layers (see :func:`~lightning_sparsity.select_layers`).
+        layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]).
         metric: ``"auto"`` reads the optimizer's step (SGD, RMSprop, Adam, AdamW, Adagrad);
             ``"lr"`` uses the plain learning rate with any optimizer.
         log_key: the fraction of the selected groups that are non-zero, logged after the map.
@@ -118,7 +120,7 @@ class ProximalSparsity(TargetedCallback):
 
     @property
     def norm(self) -> str:
-        """Deprecated name of :attr:`penalty`."""
+        """Deprecated name of `penalty`."""
         return self.penalty
 
     def __repr__(self) -> str:

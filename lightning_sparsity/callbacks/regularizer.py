@@ -26,11 +26,11 @@ class SparsityRegularizer(TargetedCallback):
     in ``on_before_optimizer_step``: once per optimizer step (also with gradient accumulation),
     before clipping, outside autocast, on unscaled gradients under ``"16-mixed"`` (fused
     optimizers included; a step GradScaler skips logs nothing). The built-in penalties
-    (:mod:`lightning_sparsity.functional.penalties`, one :class:`~lightning_sparsity.functional.
-    penalties.Penalty` object each) use closed-form gradients of all layers at once; a callable
-    goes through autograd. Weights without a gradient at that step are left alone; biases are not
-    penalised. A penalty shrinks groups but does not zero them: pair it with
-    :class:`~lightning_sparsity.FilterThresholding`.
+    (`lightning_sparsity.functional.penalties`, one
+    [`Penalty`][lightning_sparsity.functional.penalties.Penalty] object each) use closed-form
+    gradients of all layers at once; a callable goes through autograd. Weights without a gradient
+    at that step are left alone; biases are not penalised. A penalty shrinks groups but does not
+    zero them: pair it with [`FilterThresholding`][lightning_sparsity.FilterThresholding].
 
     Penalties: ``"l1"``; ``"group_lasso"`` (SSL; ``scale_by_size`` weights by sqrt(group size));
     ``"l1_l2"`` (Berthelier et al., ``||n||_1 / ||n||_2`` over the group norms); ``"capped_l1"``
@@ -42,7 +42,8 @@ class SparsityRegularizer(TargetedCallback):
         strength: ``lambda`` (>= 0), or a schedule ``epoch -> float`` read at every epoch start.
         granularity: ``"filter"``, ``"channel"``, ``"kernel"`` or ``"weight"``; at ``"filter"``
             the output layer is skipped (its units are the classes).
-        layers: which layers (:func:`~lightning_sparsity.select_layers`), names relative to
+        layers: which layers ([`select_layers`][lightning_sparsity.select_layers]), names relative
+            to
             ``pl_module.model`` when the LightningModule has one; default every Conv/Linear.
         cap: the cap of ``"capped_l1"`` (required there, >= 0).
         scale_by_size: ``"group_lasso"`` weighted by sqrt(group size).

@@ -35,7 +35,7 @@ class VariableSplitting(TargetedCallback):
     It minimises ``L(W) + sum_l [lambda ||U_l||_0 + lambda sqrt(|g|) sum_g ||W_lg||_2
     + beta/2 ||W_l - U_l||^2] / divide_by`` over ``W`` and ``U``.
 
-    Per optimizer step (Bui et al.; maths in :mod:`lightning_sparsity.functional.splitting`):
+    Per optimizer step (Bui et al.; maths in `lightning_sparsity.functional.splitting`):
     the gradient of the group and coupling terms is added to ``W``'s gradient before the step
     (unscaled, before clipping); after it ``U = W * 1[|W| > sqrt(2 lambda / beta)]``, the exact
     minimiser over ``U``. ``beta`` grows by ``beta_growth`` every ``growth_every_n_epochs``
@@ -48,7 +48,8 @@ class VariableSplitting(TargetedCallback):
     being positive freezes ``U``'s support (``U = W * 1[U != 0]``), so the final ``W = U`` keeps
     the l0 sparsity. Steps that GradScaler skips are skipped here too. ``divide_by=N`` (the
     training-set size) makes ``lambda`` and ``beta`` per-sample as in the authors' code;
-    :meth:`paper_recipe` builds their LeNet-5 settings.
+    [`paper_recipe`][lightning_sparsity.VariableSplitting.paper_recipe] builds their LeNet-5
+    settings.
 
     Args:
         strength: ``lambda`` (>= 0) or a schedule ``epoch -> float``.
@@ -57,7 +58,7 @@ class VariableSplitting(TargetedCallback):
         growth_every_n_epochs: epochs between growths (>= 1).
         granularity: the groups of the l2,1 term (the l0 term is on single weights); at
             ``"filter"`` the output layer is skipped.
-        layers: which layers (see :func:`~lightning_sparsity.select_layers`).
+        layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]).
         linear_granularity: the groups of Linear layers, if different (the paper's
             ``"channel"``: input neurons, which keeps the output layer in).
         divide_by: divide the regularizer's gradient by this (> 0), e.g. the training-set size.
@@ -152,7 +153,7 @@ class VariableSplitting(TargetedCallback):
     def paper_recipe(cls, num_samples: int, **overrides: Any) -> VariableSplitting:
         """Bui et al.'s LeNet-5 / MNIST settings, the regularizer divided by ``num_samples``.
 
-        The settings are :data:`~lightning_sparsity.functional.splitting.PAPER_RECIPE`; train with
+        The settings are `PAPER_RECIPE`; train with
         Adam, lr 1e-3, batch 100. ``overrides`` replace any setting.
 
         Example::

@@ -38,14 +38,17 @@ class FilterThresholding(OrderedCallback):
     ``threshold``, then ``floor(fraction * live)`` more by ``criterion`` (``"l1"``/``"l2"``: Li et
     al.; ``"l1_capped_l1"``: Kumar et al.'s significance; or a callable), weakest first, never
     below ``min_filters`` and never reviving a filter: the decision is
-    :func:`~lightning_sparsity.functional.scores.threshold_round`, computed on rank 0 and
+    [`threshold_round`][lightning_sparsity.functional.scores.threshold_round], computed on rank 0
+    and
     broadcast (identical under DDP).
 
     Killing zeroes the filter's weights and bias and the scale, shift and running mean of the
-    BatchNorm after it (:mod:`lightning_sparsity.pruning.masks`), so the channel emits exactly 0
+    BatchNorm after it (`lightning_sparsity.pruning.masks`), so the channel emits exactly 0
     and the export is exact. The masks (``True`` = live) are re-applied after every batch, dead
     gradients are zeroed before every step and dead optimizer state after it, so nothing revives
-    them. They are checkpointed under :attr:`state_key`: resume with the same arguments. A round
+    them. They are checkpointed under
+    [`state_key`][lightning_sparsity.FilterThresholding.state_key]: resume with the same arguments.
+    A round
     at the very end of training (no step after it) gets a warning.
 
     Args:
@@ -62,7 +65,8 @@ class FilterThresholding(OrderedCallback):
         min_filters: never leave a layer with fewer live filters (>= 1): a rule stops killing
             there, sparing its strongest candidates, with a warning.
         max_rounds: stop after this many rounds (``None``: no limit).
-        layers: which layers (see :func:`~lightning_sparsity.select_layers`); the output layer
+        layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]); the output
+            layer
             is always skipped.
 
     Raises:

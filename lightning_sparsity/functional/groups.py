@@ -26,7 +26,7 @@ GRANULARITIES: tuple[str, ...] = ("filter", "channel", "kernel", "weight")
 
 
 def check_granularity(granularity: object, *, owner: str = "group_norms") -> str:
-    """Return ``granularity`` if it is one of :data:`GRANULARITIES`, else raise.
+    """Return ``granularity`` if it is one of `GRANULARITIES`, else raise.
 
     Raises:
         TypeError: not a string.
@@ -127,9 +127,10 @@ def group_norms(
 
     Args:
         weight: a Conv1d/2d/3d weight ``[out, in, *kernel]`` or a Linear weight ``[out, in]``.
-        granularity: one of :data:`GRANULARITIES`.
+        granularity: one of `GRANULARITIES`.
         p: the norm's order (``1``, ``2``, ``float("inf")``...); for "weight" every norm is ``|w|``.
-        keepdim: return the :func:`group_shape` tensor (broadcasts against ``weight``) instead of a
+        keepdim: return the [`group_shape`][lightning_sparsity.functional.groups.group_shape] tensor
+            (broadcasts against ``weight``) instead of a
             flat ``[num_groups]`` vector.
 
     Example::

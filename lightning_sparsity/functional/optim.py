@@ -1,7 +1,8 @@
 """The per-coordinate step size an optimizer just took, read from its state (plain torch).
 
 A proximal map after an optimizer step must use the metric of that step: ``eta_i = lr / d_i``
-with :func:`step_denominator`'s ``d`` (ICCAIRO 2019's proximal RMSProp).
+with [`step_denominator`][lightning_sparsity.functional.optim.step_denominator]'s ``d`` (ICCAIRO
+2019's proximal RMSProp).
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@
 Every single-tensor function returns a differentiable scalar with a finite value and a finite
 gradient at exact zeros (an all-zero group contributes 0 and gets gradient 0).
 
-Each penalty is also a :class:`Penalty` object with one interface: :meth:`Penalty.value` (the
-differentiable scalar of one weight) and :meth:`Penalty.add_grads_` (the closed-form gradients of
+Each penalty is also a [`Penalty`][lightning_sparsity.functional.penalties.Penalty] object with one
+interface: [`Penalty.value`][lightning_sparsity.functional.penalties.Penalty.value] (the
+differentiable scalar of one weight) and
+[`Penalty.add_grads_`][lightning_sparsity.functional.penalties.Penalty.add_grads_] (the closed-form
+gradients of
 several layers at once, accumulated in place into existing tensors with ``torch._foreach_*`` ops:
 one reduction per layer for the group norms, fused elementwise ops for the rest). The callbacks use
 the objects and never call autograd for the built-in penalties; the tests check the closed forms
-against autograd on the single-tensor functions. :func:`make_penalty` builds one by name.
+against autograd on the single-tensor functions.
+[`make_penalty`][lightning_sparsity.functional.penalties.make_penalty] builds one by name.
 """
 
 from __future__ import annotations
@@ -152,13 +156,16 @@ def _signs(weights: list[Tensor], scratch: Sequence[Tensor] | None) -> list[Tens
 class Penalty:
     """A sparsity penalty ``R`` with its value and its closed-form, fused gradient.
 
-    Subclasses set :attr:`name` and implement :meth:`value` (one weight, differentiable) and
-    :meth:`add_grads_` (several weights, in place).
+    Subclasses set `name` and implement
+    [`value`][lightning_sparsity.functional.penalties.Penalty.value] (one weight, differentiable)
+    and
+    [`add_grads_`][lightning_sparsity.functional.penalties.Penalty.add_grads_] (several weights, in
+    place).
     """
 
     #: the name the callbacks accept (``SparsityRegularizer(penalty=name)``)
     name: ClassVar[str] = ""
-    #: whether :meth:`add_grads_` may overwrite ``scratch`` tensors (the L1 family: ``sign(w)``)
+    #: whether ``add_grads_`` may overwrite ``scratch`` tensors (the L1 family: ``sign(w)``)
     uses_scratch: ClassVar[bool] = False
 
     def value(self, weight: Tensor, granularity: str = "filter") -> Tensor:
@@ -181,7 +188,7 @@ class Penalty:
             grads: tensors shaped like ``weights`` (e.g. the parameters' ``.grad``).
             alpha: the factor of the accumulated gradients (the values are not multiplied).
             scratch: tensors shaped like ``weights`` that may be overwritten (see
-                :attr:`uses_scratch`), so that no temporary is allocated per call.
+                `uses_scratch`), so that no temporary is allocated per call.
         """
         raise NotImplementedError
 
@@ -390,7 +397,7 @@ class FunctionPenalty(Penalty):
         return f"FunctionPenalty({self.name})"
 
 
-#: Name -> penalty class, for :func:`make_penalty` and ``SparsityRegularizer(penalty=name)``.
+#: Name -> penalty class, for ``make_penalty`` and ``SparsityRegularizer(penalty=name)``.
 PENALTY_CLASSES: dict[str, type[Penalty]] = {
     cls.name: cls for cls in (L1, GroupLasso, L1L2, CappedL1, BNScaleL1)
 }
@@ -403,11 +410,12 @@ def make_penalty(
     scale_by_size: bool = False,
     owner: str = "make_penalty",
 ) -> Penalty:
-    """The :class:`Penalty` for a name (with its options), a callable, or a penalty object.
+    """The `Penalty` for a name (with its options), a callable, or a penalty object.
 
     Raises:
         ValueError: an unknown name; ``"capped_l1"`` without ``cap``; ``cap`` for another penalty.
-        TypeError: neither a name, a callable nor a :class:`Penalty`.
+        TypeError: neither a name, a callable nor a
+            [`Penalty`][lightning_sparsity.functional.penalties.Penalty].
 
     Example::
 
@@ -460,11 +468,13 @@ def penalty_and_grads(
 ) -> tuple[Tensor, list[Tensor]]:
     """Values and closed-form gradients of the penalty ``name`` for several weights at once.
 
-    The functional form of :meth:`Penalty.add_grads_`: with ``out`` the gradients are accumulated
+    The functional form of
+    [`Penalty.add_grads_`][lightning_sparsity.functional.penalties.Penalty.add_grads_]: with ``out``
+    the gradients are accumulated
     into those tensors in place (``out[i] += alpha * grad_i``), else returned as new tensors.
 
     Args:
-        name: a key of :data:`PENALTY_CLASSES`.
+        name: a key of `PENALTY_CLASSES`.
         weights: the (detached) weights, one per layer, all of one dtype and device.
         granularity: one granularity for all, or one per weight (ignored by "l1", "bn_scale_l1").
         cap: the cap of "capped_l1".

@@ -5,10 +5,16 @@ threshold *per coordinate*. For the proximal map of ``lambda * R`` in the metric
 step size ``eta`` (``argmin_w sum_i (w_i - z_i)^2 / (2 eta_i) + lambda R(w)``, what a proximal
 gradient step after an optimizer step with per-coordinate step ``eta`` needs), pass
 
-- ``lambda * sum |w|``: :func:`soft_threshold` with ``t = eta * lambda``;
-- ``lambda * #{w != 0}``: :func:`hard_threshold` with ``t = sqrt(2 * eta * lambda)``;
-- ``lambda * sum_g ||w_g||_2``: :func:`group_soft_threshold` with ``t = eta * lambda``;
-- ``lambda * #{g: w_g != 0}``: :func:`group_hard_threshold` with ``t = sqrt(2 * eta * lambda)``.
+- ``lambda * sum |w|``: [`soft_threshold`][lightning_sparsity.functional.proximal.soft_threshold]
+with ``t = eta * lambda``;
+- ``lambda * #{w != 0}``: [`hard_threshold`][lightning_sparsity.functional.proximal.hard_threshold]
+with ``t = sqrt(2 * eta * lambda)``;
+- ``lambda * sum_g ||w_g||_2``:
+[`group_soft_threshold`][lightning_sparsity.functional.proximal.group_soft_threshold] with ``t = eta
+* lambda``;
+- ``lambda * #{g: w_g != 0}``:
+[`group_hard_threshold`][lightning_sparsity.functional.proximal.group_hard_threshold] with ``t =
+sqrt(2 * eta * lambda)``.
 
 With a constant ``t`` the group maps are the textbook ones: group soft
 ``z_g * max(0, 1 - t / ||z_g||)``, group hard ``z_g * 1[||z_g|| > t]``. With per-coordinate ``t``
@@ -16,7 +22,9 @@ they are the exact maps in that metric: group hard keeps ``z_g`` iff
 ``sum_i z_i^2 / (2 eta_i) > lambda``, i.e. ``||z_g / t_g||_2 > 1``; group soft zeroes ``z_g`` iff
 ``||z_g / t_g||_2 <= 1`` and otherwise returns ``w_i = z_i * r / (r + t_i)``, where ``r = ||w_g||``
 is the root of ``sum_i z_i^2 / (r + t_i)^2 = 1`` (found by a fixed number of vectorised Newton
-steps on a nearly linear reformulation, see :func:`group_soft_threshold`). A coordinate with
+steps on a nearly linear reformulation, see
+[`group_soft_threshold`][lightning_sparsity.functional.proximal.group_soft_threshold]). A coordinate
+with
 ``t_i = 0`` is never shrunk.
 Thresholds are not validated (a tensor check would synchronise the device): they must be >= 0.
 """
@@ -30,7 +38,7 @@ from torch import Tensor
 
 from lightning_sparsity.functional.groups import check_granularity, check_weight, reduce_dims
 
-#: The penalties of :func:`proximal_step_`: ``lambda * #{g: w_g != 0}`` or ``lambda sum_g ||w_g||``.
+#: The penalties of ``proximal_step_``: ``lambda * #{g: w_g != 0}`` or ``lambda sum_g ||w_g||``.
 ProximalPenalty = Literal["l0", "l1"]
 #: Their names.
 PROXIMAL_PENALTIES: tuple[str, ...] = ("l0", "l1")
@@ -76,7 +84,7 @@ def group_hard_threshold(weight: Tensor, t: float | Tensor, granularity: str = "
     """Zero every group with ``||z_g / t_g||_2 <= 1`` (for a float ``t``: ``||z_g||_2 <= t``).
 
     Args:
-        weight: a Conv/Linear weight (see :mod:`lightning_sparsity.functional.groups`).
+        weight: a Conv/Linear weight (see `lightning_sparsity.functional.groups`).
         t: a float, or per-coordinate thresholds broadcastable to ``weight``
             (``sqrt(2 * eta * lambda)`` for the L0 group penalty ``lambda * #{g: w_g != 0}``).
         granularity: the groups.
@@ -161,8 +169,12 @@ def proximal_step_(
     ``denominator`` is ``None``).
 
     ``"l0"``: keep group ``g`` iff ``sum_i z_i^2 / (2 eta_i) > strength``, evaluated as
-    ``sum_i z_i^2 d_i > 2 lr strength`` (:func:`group_hard_threshold` in fewer passes; element-wise
-    for ``"weight"``). ``"l1"``: :func:`group_soft_threshold` with ``t = eta * strength`` (exact in
+    ``sum_i z_i^2 d_i > 2 lr strength``
+    ([`group_hard_threshold`][lightning_sparsity.functional.proximal.group_hard_threshold] in fewer
+    passes; element-wise
+    for ``"weight"``). ``"l1"``:
+    [`group_soft_threshold`][lightning_sparsity.functional.proximal.group_soft_threshold] with ``t =
+    eta * strength`` (exact in
     the metric). ``denominator`` is overwritten (it becomes the score or ``eta``); ``scratch`` (a
     float tensor like ``weight``) holds the score when there is no denominator, ``mask`` (a bool
     tensor like ``weight``) the element-wise mask, so that nothing is allocated.

@@ -36,13 +36,13 @@ from lightning_sparsity.validation import (
 
 #: A filter norm: Euclidean, sum of magnitudes or mean magnitude.
 FilterNorm = Literal["l2", "l1", "mean_abs"]
-#: Norms accepted by :func:`filter_norms`.
+#: Norms accepted by [`filter_norms`][lightning_sparsity.functional.scores.filter_norms].
 FILTER_NORMS: tuple[str, ...] = ("l2", "l1", "mean_abs")
-#: Deprecated alias of :data:`FILTER_NORMS`.
+#: Deprecated alias of [`FILTER_NORMS`][lightning_sparsity.functional.scores.FILTER_NORMS].
 NORMS = FILTER_NORMS
 #: A filter-ranking criterion by name.
 CriterionName = Literal["l1", "l2", "l1_capped_l1"]
-#: The named criteria of :func:`filter_scores`.
+#: The named criteria of [`filter_scores`][lightning_sparsity.functional.scores.filter_scores].
 CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_capped_l1")
 #: A criterion: a name, or a callable ``weight [out, ...] -> scores [out]``.
 Criterion = CriterionName | Callable[[Tensor], Tensor]
@@ -89,7 +89,9 @@ def filter_norms(weight: Tensor, norm: FilterNorm = "l2") -> Tensor:
 def capped_l1_norms(weight: Tensor, cap: float) -> Tensor:
     """The capped L1 norm ``sum_i min(|w_i|, cap)`` of every filter: a ``[out]`` tensor.
 
-    (Not the penalty :func:`lightning_sparsity.functional.penalties.capped_l1`, which caps each
+    (Not the penalty
+    [`lightning_sparsity.functional.penalties.capped_l1`][lightning_sparsity.functional.penalties.capped_l1],
+    which caps each
     group's L1 norm, not each weight.)
 
     Raises:
@@ -107,7 +109,7 @@ def capped_l1_norms(weight: Tensor, cap: float) -> Tensor:
 
 
 def capped_l1(weight: Tensor, cap: float) -> Tensor:
-    """Deprecated name of :func:`capped_l1_norms` (it collided with the penalty ``capped_l1``)."""
+    """Deprecated name of `capped_l1_norms` (it collided with the penalty ``capped_l1``)."""
     warnings.warn(
         "`lightning_sparsity.functional.scores.capped_l1` is deprecated: it is now "
         "`capped_l1_norms` (the penalty of the same name is a different quantity).",
@@ -132,7 +134,7 @@ def l1_capped_l1_significance(
     Args:
         weight: ``[out, ...]``.
         cap: the cap ``theta`` of the capped L1 term; ``None`` for the mean ``|w|`` over the live
-            filters (:func:`default_cap`).
+            filters ([`default_cap`][lightning_sparsity.functional.scores.default_cap]).
         alpha: weight of the capped-L1 term (>= 0).
 
     Raises:
@@ -187,7 +189,8 @@ def filter_scores(
     """Every filter's score under ``criterion`` (higher = stronger): a ``[out]`` float tensor.
 
     ``"l1"``/``"l2"``: the filter's norm (Li et al.); ``"l1_capped_l1"``: Kumar et al.'s
-    :func:`l1_capped_l1_significance` with ``cap``; a callable gets the detached weight.
+    [`l1_capped_l1_significance`][lightning_sparsity.functional.scores.l1_capped_l1_significance]
+    with ``cap``; a callable gets the detached weight.
 
     Raises:
         ValueError: a callable that does not return one score per filter.
@@ -223,7 +226,7 @@ def check_round(
     cap: float | None,
     owner: str = "threshold_round",
 ) -> None:
-    """Raise (one message template) unless the arguments describe a valid :func:`threshold_round`.
+    """Raise (one message template) unless the arguments describe a valid `threshold_round`.
 
     Example::
 
@@ -305,12 +308,14 @@ def threshold_round(
     """One thresholding round on a layer: the new live mask, and how many filters it wanted alive.
 
     The rules apply in order, each killing its candidates weakest first and stopping at the floor
-    ``min(min_filters, live filters)`` (:func:`kill_weakest`), so nothing is revived:
+    ``min(min_filters, live filters)``
+    ([`kill_weakest`][lightning_sparsity.functional.scores.kill_weakest]), so nothing is revived:
 
     1. with ``threshold``: filters whose ``norm`` is below it (below ``threshold *`` the largest
        norm when ``relative``), and all-zero filters at any threshold (0 included);
     2. with ``criterion`` and ``fraction``: ``floor(fraction * live)`` more of the live filters,
-       the lowest :func:`filter_scores` first (ties: lowest index).
+       the lowest [`filter_scores`][lightning_sparsity.functional.scores.filter_scores] first (ties:
+       lowest index).
 
     Returns:
         ``(mask, wanted)``: the bool ``[out]`` live mask (CPU) and the live count the rules asked

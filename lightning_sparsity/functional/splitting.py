@@ -2,8 +2,10 @@
 
 The objective over the weights ``W`` and a sparse copy ``U`` (per layer, divided by ``divide_by``):
 ``lambda ||U||_0 + lambda c sum_g ||W_g||_2 + beta/2 ||W - U||^2``, ``c = sqrt(|g|)`` with
-``scale_by_size``. One iteration: a gradient step on ``W`` (:func:`splitting_grads_` adds the
-regularizer's part), then the exact minimiser over ``U`` (:func:`sparse_copy_`).
+``scale_by_size``. One iteration: a gradient step on ``W``
+([`splitting_grads_`][lightning_sparsity.functional.splitting.splitting_grads_] adds the
+regularizer's part), then the exact minimiser over ``U``
+([`sparse_copy_`][lightning_sparsity.functional.splitting.sparse_copy_]).
 """
 
 from __future__ import annotations

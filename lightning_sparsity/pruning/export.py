@@ -2,9 +2,9 @@
 
 A channel is *dead* when the parameters producing it are all exactly zero (the conv filter, its
 bias, and the following BatchNorm's scale and shift), so that it always emits zero. The coupling
-analysis (:mod:`~lightning_sparsity.pruning.analysis`) decides which dead channels can go together
+analysis (`analysis`) decides which dead channels can go together
 (residual sums, concatenations, grouped convs, gates, flatten) and how a dead channel that still
-emits a constant is folded into its readers; the surgery (:mod:`lightning_sparsity.pruning.surgery`)
+emits a constant is folded into its readers; the surgery (`lightning_sparsity.pruning.surgery`)
 shrinks each layer; the result is checked against the original on the example inputs.
 
 >>> from torch import nn
@@ -129,7 +129,7 @@ def plan_pruning(
 
 
 def dead_channels(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, list[int]]:
-    """The output channels of each Conv/Linear layer that :func:`prune_model` would remove.
+    """The output channels of each Conv/Linear layer that `prune_model` would remove.
 
     Only channels that can be removed exactly are listed (coupling taken into account: a channel
     dead in one branch of a residual sum but alive in the other is not). Layers losing nothing are

@@ -1,8 +1,8 @@
 """One registry of layer types: how each is shrunk and what its widths are.
 
 Every place that needs to know about a layer type reads this table: the surgery
-(:func:`~lightning_sparsity.pruning.surgery.shrink`), the widths files
-(:mod:`~lightning_sparsity.pruning.widths`) and the type groups the analysis and the callbacks use.
+([`shrink`][lightning_sparsity.pruning.surgery.shrink]), the widths files
+(`widths`) and the type groups the analysis and the callbacks use.
 A shrink function takes the layer, the output indices to keep and the input indices to keep
 (``None`` keeps an axis whole) and returns a new module of the same class, dtype and device whose
 parameters and buffers are the kept slices of the old ones (the old module is not modified).

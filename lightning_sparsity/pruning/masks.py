@@ -3,8 +3,10 @@
 That is its weights, bias and the BatchNorm scale/shift after it, its gradients and its optimizer
 state (plain torch, no Lightning import).
 
-:func:`kill_filters` is the one-call form (tests, benchmarks, a user's own schedule); the
-thresholding and monitor callbacks use the :class:`FilterGroup` pieces.
+[`kill_filters`][lightning_sparsity.pruning.masks.kill_filters] is the one-call form (tests,
+benchmarks, a user's own schedule); the
+thresholding and monitor callbacks use the
+[`FilterGroup`][lightning_sparsity.pruning.masks.FilterGroup] pieces.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class FilterGroup:
 
 
 def batchnorm_map(model: nn.Module, owner: str) -> dict[str, str]:
-    """:func:`batchnorm_after`, or ``{}`` for an untraceable model that has no BatchNorm at all."""
+    """`batchnorm_after`, or ``{}`` for an untraceable model that has no BatchNorm at all."""
     try:
         return batchnorm_after(model)
     except TraceError as err:
@@ -62,7 +64,7 @@ def batchnorm_map(model: nn.Module, owner: str) -> dict[str, str]:
 
 
 def build_groups(model: nn.Module, names: Iterable[str], owner: str) -> dict[str, FilterGroup]:
-    """One :class:`FilterGroup` per layer name, the BatchNorm found by an ``fx`` trace."""
+    """One `FilterGroup` per layer name, the BatchNorm found by an ``fx`` trace."""
     modules = dict(model.named_modules())
     bns = batchnorm_map(model, owner)
     return {
@@ -121,7 +123,8 @@ def kill_filters(
 
     For each ``layer name -> filter indices``, zero the weight rows, the bias, and the scale, shift
     and running mean of the BatchNorm that follows the layer (found by a ``torch.fx`` trace), so
-    that :func:`~lightning_sparsity.prune_model` removes them and the pruned model's outputs stay
+    that [`prune_model`][lightning_sparsity.prune_model] removes them and the pruned model's outputs
+    stay
     equal.
 
     Raises:
@@ -202,7 +205,7 @@ class FilterMasks:
         return killed
 
     def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
-        """Zero the dead filters (:func:`zero_filters`) and their optimizer state."""
+        """Zero the dead filters (`zero_filters`) and their optimizer state."""
         optimizers = list(optimizers)
         for name, dead in self._dead.items():
             zero_filters(self.groups[name], dead)

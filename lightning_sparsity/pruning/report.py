@@ -51,7 +51,7 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """The size of a model before and after :func:`~lightning_sparsity.prune_model`.
+    """The size of a model before and after [`prune_model`][lightning_sparsity.prune_model].
 
     Attributes:
         layers: per-layer widths, parameters and MACs (Conv/Linear/norm layers).
@@ -250,10 +250,13 @@ def pruned_size(
 ) -> tuple[int, int]:
     """Parameters and MACs per sample once the filters ``dead`` (layer name -> indices) are removed.
 
-    That is what :func:`~lightning_sparsity.prune_model` would give; ``model`` is not changed.
+    That is what [`prune_model`][lightning_sparsity.prune_model] would give; ``model`` is not
+    changed.
 
-    A copy has those filters killed (:func:`~lightning_sparsity.pruning.masks.kill_filters`) and
-    is pruned without the equivalence check, then counted like :func:`size_report`.
+    A copy has those filters killed
+    ([`kill_filters`][lightning_sparsity.pruning.masks.kill_filters]) and
+    is pruned without the equivalence check, then counted like
+    [`size_report`][lightning_sparsity.size_report].
     """
     from lightning_sparsity.pruning.export import prune_model
     from lightning_sparsity.pruning.masks import kill_filters

@@ -8,8 +8,10 @@ classes, so no code runs on load)::
      "state_dict": {name: tensor},
      "metadata": {...}}           # plain values given by the caller
 
-The Lightning checkpoint written by :class:`~lightning_sparsity.PrunedExport` carries the same
-``pruned_widths`` and ``state_dict`` keys, so :func:`load_pruned` reads it too.
+The Lightning checkpoint written by [`PrunedExport`][lightning_sparsity.PrunedExport] carries the
+same
+``pruned_widths`` and ``state_dict`` keys, so [`load_pruned`][lightning_sparsity.load_pruned] reads
+it too.
 """
 
 from __future__ import annotations
@@ -133,12 +135,13 @@ def save_pruned(
     """Write ``model``'s weights and layer widths to ``path`` (atomically).
 
     Args:
-        model: a pruned model (typically from :func:`~lightning_sparsity.prune_model`).
+        model: a pruned model (typically from [`prune_model`][lightning_sparsity.prune_model]).
         path: the file to write; its directory is created if needed.
         metadata: optional plain data stored beside the weights (e.g. the size report's
             ``to_dict()``).
         example_inputs: optional inputs of ``model``; their shapes (batch 1) and dtypes are
-            stored so that :func:`load_pruned` can check with a forward pass that the widths of
+            stored so that [`load_pruned`][lightning_sparsity.load_pruned] can check with a forward
+            pass that the widths of
             coupled layers agree.
 
     Returns:
@@ -236,7 +239,8 @@ def load_pruned(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     is left exactly as it was. Layers whose width changes are replaced by new modules of the same
     class, dtype and device, so references to the old layer objects no longer point into ``model``.
 
-    Also reads the ``.ckpt`` written by :class:`~lightning_sparsity.PrunedExport` into a freshly
+    Also reads the ``.ckpt`` written by [`PrunedExport`][lightning_sparsity.PrunedExport] into a
+    freshly
     built LightningModule.
 
     Raises:
@@ -273,7 +277,7 @@ def load_pruned(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
 
 
 def remove_stale_temporaries(dirpath: Path, filename: str) -> list[Path]:
-    """Delete the temporary files of ``filename.*`` that a killed :func:`atomic_write` left.
+    """Delete the temporary files of ``filename.*`` that a killed `atomic_write` left.
 
     Returns the deleted files (those in ``dirpath``).
     """

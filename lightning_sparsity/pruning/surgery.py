@@ -1,6 +1,6 @@
 """Shrink one layer to the kept output and input indices.
 
-The shrink function is the one the layer registry (:mod:`~lightning_sparsity.pruning.layers`) holds
+The shrink function is the one the layer registry (`layers`) holds
 for its type.
 
 >>> import torch

@@ -46,7 +46,9 @@ def describe_inputs(
 ) -> dict[str, Any]:
     """The shapes and dtypes of ``example_inputs`` of submodule ``module``, as plain data.
 
-    Stored beside the widths, they let :func:`reshape_to_widths` check that the widths of coupled
+    Stored beside the widths, they let
+    [`reshape_to_widths`][lightning_sparsity.pruning.widths.reshape_to_widths] check that the widths
+    of coupled
     layers agree (a forward pass), which no layer-by-layer check can see.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -62,7 +64,8 @@ def describe_inputs(
 def describe_widths(model: nn.Module, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The widths of every layer of ``model`` that has one, as plain data.
 
-    ``inputs`` come from :func:`describe_inputs` when given.
+    ``inputs`` come from [`describe_inputs`][lightning_sparsity.pruning.widths.describe_inputs] when
+    given.
 
     Example::
 

@@ -1,7 +1,7 @@
 """Write a pruned network to files, each checked before it is in place (no Lightning import).
 
 The Lightning checkpoint format (``"ckpt"``) is written by
-:class:`~lightning_sparsity.PrunedExport`; the others are here.
+[`PrunedExport`][lightning_sparsity.PrunedExport]; the others are here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ FORMATS: dict[str, str] = {"ckpt": ".ckpt", "pt": ".pt", "pt2": ".pt2", "onnx": 
 
 
 def check_formats(formats: Any, *, owner: str) -> tuple[str, ...]:
-    """A non-empty tuple of distinct :data:`FORMATS` keys (a list is accepted).
+    """A non-empty tuple of distinct `FORMATS` keys (a list is accepted).
 
     Example::
 

@@ -2,14 +2,14 @@
 
 Its modules, in the order data flows through them:
 
-* :mod:`.graph` and :mod:`.capture`: the graph (``torch.fx`` in eval mode, opaque leaves and
+* `graph` and `capture`: the graph (``torch.fx`` in eval mode, opaque leaves and
   regions for what fx cannot follow);
-* :mod:`.leaves`: zoo modules proven to behave like a conv, a Linear or a per-channel layer;
-* :mod:`.spaces`, :mod:`.fxargs`, :mod:`.rules`, :mod:`.reshapes`: channel spaces and the per-op
+* `leaves`: zoo modules proven to behave like a conv, a Linear or a per-channel layer;
+* `spaces`, `fxargs`, `rules`, `reshapes`: channel spaces and the per-op
   rules;
-* :mod:`.coupling`: the walk and the constraint solver that turn the rules into a
-  :class:`~lightning_sparsity.pruning.analysis.coupling.ChannelPlan`.
+* `coupling`: the walk and the constraint solver that turn the rules into a
+  [`ChannelPlan`][lightning_sparsity.pruning.analysis.coupling.ChannelPlan].
 
 Nothing here imports the surgery or the export above it, except the registry of shrink functions
-(:mod:`lightning_sparsity.pruning.surgery`), which the leaf checks use.
+(`lightning_sparsity.pruning.surgery`), which the leaf checks use.
 """

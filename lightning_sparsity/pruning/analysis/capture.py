@@ -1,7 +1,7 @@
 """Capture a model's graph for the coupling analysis, keeping what cannot be captured.
 
 ``torch.fx`` traces the model in eval mode. Layers are leaves of the trace (the ``torch.nn``
-ones, and a zoo's subclasses of them whose behaviour on channels :mod:`.leaves` checks on the
+ones, and a zoo's subclasses of them whose behaviour on channels `leaves` checks on the
 layer's real inputs); other modules are traced through. A submodule whose forward ``torch.fx``
 cannot follow (shape-dependent Python, ``torch.jit.isinstance``...) becomes an *opaque* leaf: the
 channels that reach it or leave it are kept, and it is captured again as a region of its own, on
@@ -10,7 +10,8 @@ its children the same way. Each region's inputs and outputs keep all their chann
 inside a region never changes what it computes.
 
 Everything here runs on the model it is given: callers pass a copy (``prune_model`` does) or use
-:func:`capture` through :func:`~lightning_sparsity.plan_pruning`, which copies.
+[`capture`][lightning_sparsity.pruning.analysis.capture.capture] through `plan_pruning`, which
+copies.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Which channels can be removed exactly, and together with what: the coupling analysis.
 
 The analysis walks a ``torch.fx`` graph whose nodes carry shapes (``ShapeProp``). Every tensor
-with a channel dimension gets a :class:`~.spaces.Space`; the rules in :mod:`.rules` say how
+with a channel dimension gets a [`Space`][lightning_sparsity.pruning.analysis.spaces.Space]; the
+rules in `rules` say how
 each op maps its inputs' channels to its output's and which channels it merges (removed
 together), pins (kept) or constrains (groups balanced).
 
 A group of merged channels is removable when every Conv/Linear that reads it (an *exit*) reads
 only constants there: zeros are dropped, non-zero constants are folded exactly into the reader's
 bias (or the BatchNorm right after it), and where folding is not exact (a zero-padded conv sees
-zeros at the border) the group is kept. See :func:`analyze`.
+zeros at the border) the group is kept. See
+[`analyze`][lightning_sparsity.pruning.analysis.coupling.analyze].
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class ChannelPlan:
         kept_dead: layer -> {output channel: reason} for dead channels that must stay.
         keep_params: per-channel parameters used directly in ``forward`` -> kept indices.
         param_axes: those parameters -> the dimension the indices select.
-        leaf_kinds: zoo modules analysed as a layer (see :mod:`.leaves`) -> their kind.
+        leaf_kinds: zoo modules analysed as a layer (see `leaves`) -> their kind.
         opaque: modules kept whole (their channels pinned) -> why.
     """
 
@@ -217,7 +219,7 @@ def describe(gm: fx.GraphModule, node: fx.Node, prefix: str = "") -> str:
 
 
 class Analysis:
-    """State of one walk over a shape-annotated graph (see :func:`analyze`)."""
+    """State of one walk over a shape-annotated graph (see `analyze`)."""
 
     def __init__(
         self,
@@ -270,7 +272,7 @@ class Analysis:
     def pin_all(
         self, value: Any, reason: str, error: bool = False, node: fx.Node | None = None
     ) -> None:
-        """Keep every channel of every space inside ``value``, as :meth:`pin`."""
+        """Keep every channel of every space inside ``value``, as `pin`."""
         for s in iter_spaces(value):
             self.pin(s.slots, reason, error, node)
 

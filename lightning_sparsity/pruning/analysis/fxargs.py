@@ -33,7 +33,7 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
 
 
 def input_space(a: Analysis, node: fx.Node) -> tuple[Space | None, tuple[int, ...] | None]:
-    """The space (``None`` unless a :class:`Space`) and the shape of ``node``'s first input."""
+    """The space (``None`` unless a `Space`) and the shape of ``node``'s first input."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     space = a.space(x)
     return (space if isinstance(space, Space) else None), shape_of(x)

@@ -104,7 +104,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` for the training callbacks' questions, in eval mode.
 
     The questions are which norm follows which layer and which layer makes the output. ``torch.nn``
-    layers and zoo norm layers (:func:`is_norm_like`) stay leaves, a submodule fx cannot follow
+    layers and zoo norm layers
+    ([`is_norm_like`][lightning_sparsity.pruning.analysis.graph.is_norm_like]) stay leaves, a
+    submodule fx cannot follow
     becomes an opaque leaf. The model's flags are restored.
 
     Raises:

@@ -2,7 +2,7 @@
 
 The ops are ``+ - * /``, ``cat``, ``chunk``, ``split``, indexing, reductions,
 ``permute``/``transpose``, ``view``/``reshape``/``flatten`` and the channel shuffle. See
-:mod:`.rules` for the table that uses them.
+`rules` for the table that uses them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The rule table of the coupling analysis: how each op maps its inputs' channels to its output's.
 
-A rule takes the :class:`~.coupling.Analysis` and an fx node and returns the node's
-:class:`~.spaces.Space` (a tuple of them for ``chunk``).
+A rule takes the [`Analysis`][lightning_sparsity.pruning.analysis.coupling.Analysis] and an fx node
+and returns the node's
+[`Space`][lightning_sparsity.pruning.analysis.spaces.Space] (a tuple of them for ``chunk``).
 Channel-wise ops pass the space on with updated constants; Conv/Linear layers start a new space
 (their output channels) and record their input as an *exit*; ``+``/``*`` merge the channels they
 combine; ``cat`` concatenates spaces; ``chunk`` and grouped convs add balance constraints; a channel

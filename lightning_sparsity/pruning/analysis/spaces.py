@@ -1,6 +1,7 @@
 """Channel spaces: which source channel each index of a tensor's channel dimension carries.
 
-A :class:`Space` maps the channel dimension of one tensor in the traced graph to *slots* (ints)
+A [`Space`][lightning_sparsity.pruning.analysis.spaces.Space] maps the channel dimension of one
+tensor in the traced graph to *slots* (ints)
 and, per index, the constant the channel holds (``NaN`` when it varies with the input). Slots are
 merged in a union-find: merged slots are removed together or not at all (a residual sum merges
 the channels it adds, a BatchNorm merges its channels with its input's, ...).
@@ -66,7 +67,7 @@ class ParamRef:
 
 
 def param_ref(target: str, t: Tensor) -> ParamRef | None:
-    """A :class:`ParamRef` for a tensor with exactly one dimension larger than 1."""
+    """A `ParamRef` for a tensor with exactly one dimension larger than 1."""
     big = [i for i, n in enumerate(t.shape) if n > 1]
     if len(big) != 1 or not t.is_floating_point():
         return None
