@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_sparsity.pruning.analysis.coupling import UnsupportedOpError
 from lightning_sparsity.pruning.export import dead_channels, plan_pruning, prune_model, verify_equal
+from lightning_sparsity.pruning.masks import FilterGroup, zero_filters
 
 
 @pytest.fixture(autouse=True)
@@ -40,14 +41,8 @@ def randomize(model: nn.Module) -> nn.Module:
 
 
 def kill(layer: nn.Module, idx: Sequence[int], bn: nn.Module | None = None) -> None:
-    """Zero filters ``idx`` of ``layer`` (weights, bias) and of the BatchNorm after it."""
-    with torch.no_grad():
-        layer.weight[list(idx)] = 0
-        if layer.bias is not None:
-            layer.bias[list(idx)] = 0
-        if bn is not None:
-            bn.weight[list(idx)] = 0
-            bn.bias[list(idx)] = 0
+    """Zero filters ``idx`` of ``layer`` (weights, bias) and of the BatchNorm ``bn`` after it."""
+    zero_filters(FilterGroup("layer", layer, bn), torch.tensor(list(idx), dtype=torch.long))
 
 
 def n_params(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lightning_sparsity import prune_model
 from lightning_sparsity.pruning.analysis.graph import batchnorm_after
 from lightning_sparsity.pruning.export import dead_channels, plan_pruning
+from lightning_sparsity.pruning.masks import FilterGroup, zero_filters
 
 
 class Conv2dSame(nn.Conv2d):
@@ -107,13 +108,8 @@ def randomise(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
-@torch.no_grad()
 def kill(layer: nn.Module, norm: nn.Module, idx: list[int]) -> None:
-    layer.weight[idx] = 0
-    if layer.bias is not None:
-        layer.bias[idx] = 0
-    for attr in ("weight", "bias", "running_mean"):
-        getattr(norm, attr)[idx] = 0
+    zero_filters(FilterGroup("layer", layer, norm), torch.tensor(idx))
 
 
 def test_zoo_layers_are_pruned_like_their_torch_counterparts() -> None:

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.callbacks._runtime import optimizer_param_ids, refuse_sharded_strategy
-from lightning_sparsity.functional.groups import check_granularity
+from lightning_sparsity.functional.groups import Granularity, check_granularity
 from lightning_sparsity.functional.workspace import Workspace
 from lightning_sparsity.selection import (
     LayerSpec,
@@ -44,11 +44,11 @@ class TargetedCallback(OrderedCallback):
     def __init__(
         self,
         strength: Strength,
-        granularity: str,
+        granularity: Granularity,
         layers: LayerSpec,
         log_every_n_steps: int | None,
         check_finite: bool = True,
-        linear_granularity: str | None = None,
+        linear_granularity: Granularity | None = None,
     ) -> None:
         super().__init__()
         self.strength = check_strength(strength, owner=self.OWNER)

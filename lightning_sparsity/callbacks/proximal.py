@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_sparsity.callbacks._amp import unscaled_found_inf
 from lightning_sparsity.callbacks._runtime import log_due, raise_if_nonfinite
 from lightning_sparsity.callbacks._targeted import TargetedCallback
-from lightning_sparsity.functional.groups import num_groups
+from lightning_sparsity.functional.groups import Granularity, num_groups
 from lightning_sparsity.functional.optim import SUPPORTED_OPTIMIZERS, step_denominator
 from lightning_sparsity.functional.proximal import (
     PROXIMAL_PENALTIES,
@@ -90,7 +90,7 @@ class ProximalSparsity(TargetedCallback):
         self,
         strength: Strength,
         penalty: ProximalPenalty = "l0",
-        granularity: str = "filter",
+        granularity: Granularity = "filter",
         layers: LayerSpec = None,
         *,
         metric: Metric = "auto",

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_sparsity.callbacks._amp import step_skipped, unscaled_found_inf
 from lightning_sparsity.callbacks._runtime import log_due, raise_if_nonfinite
 from lightning_sparsity.callbacks._targeted import TargetedCallback
+from lightning_sparsity.functional.groups import Granularity
 from lightning_sparsity.functional.penalties import Penalty, PenaltyName, make_penalty
 from lightning_sparsity.pruning.analysis.graph import TraceError, batchnorm_after
 from lightning_sparsity.selection import LayerSpec, Target, resolve_network
@@ -81,7 +82,7 @@ class SparsityRegularizer(TargetedCallback):
         self,
         penalty: PenaltyName | Callable[[Tensor], Tensor] | Penalty,
         strength: Strength,
-        granularity: str = "filter",
+        granularity: Granularity = "filter",
         layers: LayerSpec = None,
         *,
         cap: float | None = None,

@@ -13,6 +13,7 @@ from lightning_sparsity.callbacks._amp import step_skipped, unscaled_found_inf
 from lightning_sparsity.callbacks._copies import copies_as_weights, restore_copies
 from lightning_sparsity.callbacks._runtime import log_due, raise_if_nonfinite
 from lightning_sparsity.callbacks._targeted import TargetedCallback
+from lightning_sparsity.functional.groups import Granularity
 from lightning_sparsity.functional.splitting import (
     PAPER_RECIPE,
     check_splitting,
@@ -107,10 +108,10 @@ class VariableSplitting(TargetedCallback):
         beta: float,
         beta_growth: float = 1.25,
         growth_every_n_epochs: int = 40,
-        granularity: str = "filter",
+        granularity: Granularity = "filter",
         layers: LayerSpec = None,
         *,
-        linear_granularity: str | None = None,
+        linear_granularity: Granularity | None = None,
         divide_by: float = 1.0,
         scale_by_size: bool = True,
         final_projection: bool = True,

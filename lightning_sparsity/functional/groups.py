@@ -17,10 +17,13 @@ not supported.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+#: A granularity: what one group of a weight is.
+Granularity = Literal["filter", "channel", "kernel", "weight"]
 #: The valid granularities, in order from coarse to fine.
 GRANULARITIES: tuple[str, ...] = ("filter", "channel", "kernel", "weight")
 

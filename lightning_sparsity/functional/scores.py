@@ -60,7 +60,11 @@ def _check_weight(weight: Tensor, owner: str) -> Tensor:
 
 
 def filter_norms(weight: Tensor, norm: FilterNorm = "l2") -> Tensor:
-    """The norm of every filter ``weight[o]``: a ``[out]`` tensor.
+    """The norm of every filter ``weight[o]``: a ``[out]`` tensor, detached.
+
+    The filter-ranking view of [`group_norms`][lightning_sparsity.functional.groups.group_norms] at
+    ``"filter"`` granularity (that function, differentiable, serves the penalties): this one names
+    the norm, adds ``"mean_abs"`` and takes any ``[out, ...]`` tensor.
 
     Args:
         weight: ``[out, ...]`` (a conv or linear weight).
@@ -79,11 +83,8 @@ def filter_norms(weight: Tensor, norm: FilterNorm = "l2") -> Tensor:
     """
     check_choice(norm, FILTER_NORMS, owner="filter_norms", arg="norm")
     flat = _check_weight(weight, "filter_norms")
-    if norm == "l2":
-        return torch.linalg.vector_norm(flat, ord=2, dim=1)
-    if norm == "l1":
-        return flat.abs().sum(dim=1)
-    return flat.abs().mean(dim=1)
+    norms = torch.linalg.vector_norm(flat, ord=2 if norm == "l2" else 1, dim=1)
+    return norms / flat.shape[1] if norm == "mean_abs" else norms
 
 
 def capped_l1_norms(weight: Tensor, cap: float) -> Tensor:
