@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_sparsity.functional.groups import check_granularity, check_weight
 from lightning_sparsity.pruning.analysis.graph import PRUNABLE_TYPES, output_layer_names
@@ -147,3 +147,43 @@ def no_targets_message(owner: str, granularity: str) -> str:
         else ""
     )
     return f"`{owner}`: no layer selected{hint}; the callback does nothing."
+
+
+def network_name(module: nn.Module, submodule: str | None = None, *, owner: str) -> str:
+    """The qualified name of the network inside a LightningModule (``""``: the module itself).
+
+    ``submodule`` when given (checked), else ``"model"`` when ``module.model`` is an
+    ``nn.Module`` (as :func:`resolve_network`), else ``""``.
+
+    Raises:
+        ValueError: ``submodule`` names no submodule (the children are listed).
+    """
+    if submodule is None:
+        return "model" if isinstance(getattr(module, "model", None), nn.Module) else ""
+    try:
+        module.get_submodule(submodule)
+    except AttributeError:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(
+            f"`{owner}(submodule={submodule!r})`: expected a submodule of "
+            f"`{type(module).__name__}`, got none of that name. Its children: {children}; '' is "
+            "the LightningModule itself."
+        ) from None
+    return submodule
+
+
+def batch_input(batch: object, samples: int) -> Tensor | None:
+    """The first ``samples`` samples of a batch's input (a detached CPU copy), or ``None``.
+
+    The input is the batch itself when it is a tensor, else its first element.
+
+    Example::
+
+        >>> import torch
+        >>> batch_input((torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2])), 2).tolist()
+        [[0.0, 1.0], [2.0, 3.0]]
+    """
+    x = batch[0] if isinstance(batch, list | tuple) and batch else batch
+    if not isinstance(x, Tensor) or x.dim() == 0 or len(x) == 0:
+        return None
+    return x[:samples].detach().to("cpu", copy=True)

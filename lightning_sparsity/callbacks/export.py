@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from lightning_sparsity.callbacks._order import OrderedCallback
@@ -28,7 +27,7 @@ from lightning_sparsity.pruning.writers import (
     check_outputs,
     write_network,
 )
-from lightning_sparsity.selection import select_layers
+from lightning_sparsity.selection import batch_input, network_name, select_layers
 from lightning_sparsity.validation import check_bool, check_float, fail
 
 _OWNER = "PrunedExport"
@@ -204,9 +203,8 @@ class PrunedExport(OrderedCallback):
             return
         if getattr(pl_module, "example_input_array", None) is not None:
             return
-        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and len(x) > 0:
-            x = x[:2].detach().to("cpu", copy=True)
+        x = batch_input(batch, 2)
+        if x is not None:  # two samples: a batch dimension of 1 could be mistaken for a constant
             self._captured = (torch.cat([x, x]) if len(x) == 1 else x,)
 
     def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,17 +255,7 @@ class PrunedExport(OrderedCallback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "pruned"  # log_dir: all ranks
 
     def _network_name(self, pl_module: pl.LightningModule) -> str:
-        if self.submodule is None:
-            return "model" if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
-        try:
-            pl_module.get_submodule(self.submodule)
-        except AttributeError:
-            children = [name for name, _ in pl_module.named_children()]
-            raise ValueError(
-                f"`{_OWNER}(submodule={self.submodule!r})`: `{type(pl_module).__name__}` has no "
-                f"such submodule. Its children: {children}; '' is the LightningModule itself."
-            ) from None
-        return self.submodule
+        return network_name(pl_module, self.submodule, owner=_OWNER)
 
     def _example(self, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
         given = self.example_inputs

@@ -15,7 +15,7 @@ from lightning_sparsity.callbacks._order import OrderedCallback, exported_view
 from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filter_norms
 from lightning_sparsity.pruning.report import pruned_size
-from lightning_sparsity.selection import LayerSpec, resolve_network, select_layers
+from lightning_sparsity.selection import LayerSpec, batch_input, resolve_network, select_layers
 from lightning_sparsity.validation import (
     check_bool,
     check_choice,
@@ -30,15 +30,6 @@ _OWNER = "SparsityMonitor"
 def _log_step(trainer: pl.Trainer) -> int:
     """The step index Lightning gives metrics logged now: that of the last optimizer step."""
     return max(trainer.global_step - 1, 0)
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    """The input of a training batch: the batch itself, or its first element."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    return None
 
 
 class SparsityMonitor(OrderedCallback):
@@ -243,13 +234,13 @@ class SparsityMonitor(OrderedCallback):
                 any_logger.log_metrics(metrics, step=trainer.global_step)
 
     def _capture(self, batch: Any) -> None:
-        inputs = _first_tensor(batch)
+        inputs = batch_input(batch, 1)
         if inputs is None:
             raise RuntimeError(
                 f"`{_OWNER}`: cannot find the model input in a training batch of type "
                 f"{type(batch).__name__}. HINT: pass `example_inputs=` (one sample)."
             )
-        self._example = inputs[:1].detach().clone()
+        self._example = inputs
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
