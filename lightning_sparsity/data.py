@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
+from lightning_sparsity.validation import check_int, fail
+
 DEFAULT_CACHE_DIR = "~/.cache/lightning_sparsity"
 CACHE_DIR_ENV = "LIGHTNING_SPARSITY_CACHE"
 """Environment variable read for ``cache_dir`` when the argument is not given."""
@@ -125,16 +127,7 @@ class VisionDataModule(pl.LightningDataModule):
             ("num_workers", num_workers, 0),
             ("val_size", val_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"`{type(self).__name__}({arg}={value!r})`: expected an int, "
-                    f"got {type(value).__name__}."
-                )
-            if value < low:
-                raise ValueError(
-                    f"`{type(self).__name__}({arg}={value!r})`: expected `{arg}` >= {low}, "
-                    f"got {value}."
-                )
+            check_int(value, owner=type(self).__name__, arg=arg, low=low)
         self.save_hyperparameters()
         self.train_set: Dataset[Any] | None = None
         self.val_set: Dataset[Any] | None = None
@@ -335,10 +328,8 @@ class VisionDataModule(pl.LightningDataModule):
             )
             n = len(train_aug)
             if self.val_size >= n:
-                raise ValueError(
-                    f"`{type(self).__name__}(val_size={self.val_size})`: expected `val_size` < "
-                    f"{n}, the size of the training set."
-                )
+                fail(type(self).__name__, "val_size", self.val_size,
+                     f"`val_size` < {n}, the size of the training set")  # fmt: skip
             generator = torch.Generator().manual_seed(self.seed)
             order = torch.randperm(n, generator=generator).tolist()
             self.val_set = Subset(train_eval, order[: self.val_size])
@@ -495,6 +486,4 @@ def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
     for key, cls in _DATAMODULES.items():
         if norm(str(name)) == norm(key):
             return cls(**kwargs)
-    raise ValueError(
-        f"`build_datamodule(name={name!r})`: unknown dataset, expected one of {list(_DATAMODULES)}."
-    )
+    fail("build_datamodule", "name", name, f"one of {list(_DATAMODULES)}")

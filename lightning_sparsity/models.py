@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_sparsity.validation import fail
+
 #: Conv widths of VGG-16 for CIFAR ("M" = 2x2 max-pool), as in Li et al. 2017 / cifar.torch.
 VGG16_CFG: tuple[int | str, ...] = (
     *(64, 64, "M", 128, 128, "M", 256, 256, 256, "M"),
@@ -173,10 +175,8 @@ class ResNetCIFAR(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(
-                f"`ResNetCIFAR(depth={depth})`: expected `depth` = 6n + 2 with n >= 1 "
-                "(e.g. 20, 32, 44, 56, 110)."
-            )
+            fail("ResNetCIFAR", "depth", depth, "`depth` = 6n + 2 with n >= 1",
+                 hint="20, 32, 44, 56 or 110.")  # fmt: skip
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -260,14 +260,10 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(
-                f"`WideResNet(depth={depth})`: expected `depth` = 6n + 4 with n >= 1 "
-                "(e.g. 16, 22, 28, 40)."
-            )
+            fail("WideResNet", "depth", depth, "`depth` = 6n + 4 with n >= 1",
+                 hint="16, 22, 28 or 40.")  # fmt: skip
         if widen_factor < 1:
-            raise ValueError(
-                f"`WideResNet(widen_factor={widen_factor})`: expected `widen_factor` >= 1."
-            )
+            fail("WideResNet", "widen_factor", widen_factor, "`widen_factor` >= 1")
         blocks = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
@@ -334,7 +330,7 @@ def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         'WideResNet'
     """
     if not isinstance(name, str):
-        raise TypeError(f"`build_model(name={name!r})`: expected a str, got {type(name).__name__}.")
+        fail("build_model", "name", name, "a str", got=type(name).__name__, error=TypeError)
     key = name.strip().lower()
     if key in _REGISTRY:
         return _REGISTRY[key](num_classes=num_classes, **kwargs)
@@ -342,7 +338,4 @@ def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     if match:
         depth, width = (int(g) for g in match.groups())
         return WideResNet(depth, width, num_classes=num_classes, **kwargs)
-    raise ValueError(
-        f"`build_model(name={name!r})`: unknown model, expected one of {available_models()} "
-        "(e.g. 'wrn-28-10')."
-    )
+    fail("build_model", "name", name, f"one of {available_models()}", hint="'wrn-28-10'.")

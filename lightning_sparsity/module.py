@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_sparsity.checkpoint import PrunedCheckpointMixin
 from lightning_sparsity.models import available_models, build_model
+from lightning_sparsity.validation import check_choice, check_float, check_int, fail
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -89,47 +90,26 @@ class ClassificationModule(PrunedCheckpointMixin, pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def _validate(self, model: Any, num_classes: int) -> None:
-        def fail(arg: str, value: Any, rule: str, hint: str = "") -> ValueError:
-            return ValueError(
-                f"`ClassificationModule({arg}={value!r})`: expected {rule}, got {value!r}.{hint}"
-            )
-
-        if not isinstance(model, (nn.Module, str)):
-            raise TypeError(
-                f"`ClassificationModule(model={model!r})`: expected an nn.Module or a model name "
-                f"{available_models()}, got {type(model).__name__}."
-            )
-        if num_classes < 1:
-            raise fail("num_classes", num_classes, "`num_classes` >= 1")
-        if self.optimizer_name not in OPTIMIZERS:
-            raise fail("optimizer", self.optimizer_name, f"one of {list(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise fail("lr", self.lr, "`lr` > 0")
-        if not 0 <= self.momentum < 1:
-            raise fail("momentum", self.momentum, "0 <= `momentum` < 1")
-        if self.weight_decay < 0:
-            raise fail("weight_decay", self.weight_decay, "`weight_decay` >= 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise fail("lr_schedule", self.lr_schedule, f"one of {list(LR_SCHEDULES)}")
+        owner = "ClassificationModule"
+        if not isinstance(model, nn.Module | str):
+            fail(owner, "model", model, f"an nn.Module or a model name {available_models()}",
+                 got=type(model).__name__, error=TypeError)  # fmt: skip
+        check_int(num_classes, owner=owner, arg="num_classes", low=1)
+        check_choice(self.optimizer_name, OPTIMIZERS, owner=owner, arg="optimizer")
+        check_float(self.lr, owner=owner, arg="lr", low=0.0, strict_low=True)
+        check_float(self.momentum, owner=owner, arg="momentum", low=0.0, high=1.0, strict_high=True)
+        check_float(self.weight_decay, owner=owner, arg="weight_decay", low=0.0)
+        check_choice(self.lr_schedule, LR_SCHEDULES, owner=owner, arg="lr_schedule")
+        m = self.milestones
         if self.lr_schedule == "step" and (
-            not self.milestones
-            or any(m < 1 for m in self.milestones)
-            or self.milestones != sorted(set(self.milestones))
+            not m or any(x < 1 for x in m) or list(m) != sorted(set(m))
         ):
-            raise fail(
-                "milestones",
-                self.milestones,
-                "increasing positive epochs for `lr_schedule='step'`",
-                " HINT: e.g. `milestones=[40, 80, 120, 160]`.",
-            )
-        if not 0 < self.gamma <= 1:
-            raise fail("gamma", self.gamma, "0 < `gamma` <= 1")
+            fail(owner, "milestones", m, "increasing positive epochs for `lr_schedule='step'`",
+                 hint="e.g. `milestones=[40, 80, 120, 160]`.")  # fmt: skip
+        check_float(self.gamma, owner=owner, arg="gamma", low=0.0, high=1.0, strict_low=True)
         if self.nesterov and (self.optimizer_name != "sgd" or self.momentum == 0):
-            raise fail(
-                "nesterov",
-                self.nesterov,
-                "`nesterov=True` only with `optimizer='sgd'` and `momentum` > 0",
-            )
+            fail(owner, "nesterov", True,
+                 "`nesterov=True` only with `optimizer='sgd'` and `momentum` > 0")  # fmt: skip
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:

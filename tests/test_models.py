@@ -152,7 +152,11 @@ def test_build_model_names_and_kwargs() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: build_model("resnet18"), ValueError, r"unknown model.*'lenet5'.*'vgg16'.*wrn-d-k"),
+        (
+            lambda: build_model("resnet18"),
+            ValueError,
+            r"expected one of .*'lenet5'.*'vgg16'.*wrn-d-k",
+        ),
         (lambda: build_model("wrn-27-10"), ValueError, r"6n \+ 4"),
         (lambda: build_model("wrn-28-0"), ValueError, r"widen_factor"),
         (lambda: ResNetCIFAR(21), ValueError, r"6n \+ 2"),
