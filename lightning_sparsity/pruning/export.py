@@ -32,6 +32,7 @@ from lightning_sparsity.pruning.analysis.capture import capture
 from lightning_sparsity.pruning.analysis.coupling import ChannelPlan, Fold, analyze
 from lightning_sparsity.pruning.analysis.leaves import shrink_channelwise
 from lightning_sparsity.pruning.analysis.spaces import contribution
+from lightning_sparsity.pruning.features import drop_dead_features
 from lightning_sparsity.pruning.layers import replace_tensor
 from lightning_sparsity.pruning.outputs import run_eval, tensors
 from lightning_sparsity.pruning.surgery import is_masked, shrink
@@ -272,10 +273,12 @@ def prune_model(
     atol: float = 1e-5,
     allow_unchanged: bool = False,
     strict: bool = False,
+    drop_features: bool = True,
 ) -> nn.Module:
     """A new, physically smaller copy of ``model`` with every removable dead channel removed.
 
-    The copy has the same module names and classes as ``model``; only the widths of some layers
+    The copy has the same module names and classes as ``model`` (a Linear that stops reading some
+    input features becomes a ``FeatureLinear``, a subclass); only the widths of some layers
     (Conv/Linear/BatchNorm) shrink, so a state dict plus the widths rebuild it from a fresh model.
     Dead channels that emit a non-zero constant (a bias or BatchNorm shift left non-zero) are
     folded into their readers where that is exact (eval-mode statistics), else kept. ``model`` is
@@ -293,6 +296,10 @@ def prune_model(
             cannot follow keeps a dead channel that could otherwise go; by default such channels
             are kept (with everything coupled to them) and ``plan_pruning(...).kept_dead`` says
             which and why (the op, its module and source line).
+        drop_features: also remove the input features that a Linear layer ignores one by one
+            (all-zero weight columns, e.g. single positions of a flattened conv channel): the
+            layer becomes a [`FeatureLinear`][lightning_sparsity.pruning.features.FeatureLinear]
+            that reads the kept features (their indices are a buffer in its state dict).
 
     Returns:
         The pruned copy, in the same training mode as ``model``.
@@ -322,12 +329,14 @@ def prune_model(
     plan = _analyze(work, inputs, strict)
     for name, m in work.named_modules():
         m.training = flags.get(name, m.training)
-    if not plan.changed:
+    if plan.changed:
+        apply_plan(work, plan)
+    features = drop_dead_features(work) if drop_features else {}
+    if not plan.changed and not features:
         if not allow_unchanged:
             raise ValueError(_nothing_message(plan))
         warnings.warn(_nothing_message(plan).split(" HINT")[0], stacklevel=2)
         return work
-    apply_plan(work, plan)
     if verify:
         verify_equal(model, work, inputs, rtol=rtol, atol=atol)
     return work

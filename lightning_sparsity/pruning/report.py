@@ -93,8 +93,22 @@ class PruneReport:
         return {
             layer.name: layer.out_after
             for layer in self.layers
-            if layer.kind.startswith(("Conv", "Linear"))
+            if layer.kind.startswith(("Conv", "Linear", "FeatureLinear"))
         }
+
+    def architecture(self, after: bool = True) -> str:
+        """The published form of an architecture: conv filters, then Linear input features.
+
+        In layer order, e.g. ``"5-10-76-16"`` for LeNet-5-Caffe (conv1-conv2-fc1-fc2).
+        """
+        counts = [
+            (layer.out_after if after else layer.out_before)
+            if layer.kind.startswith("Conv")
+            else (layer.in_after if after else layer.in_before)
+            for layer in self.layers
+            if layer.kind.startswith(("Conv", "Linear", "FeatureLinear"))
+        ]
+        return "-".join(str(n) for n in counts)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (ints, floats, strings, lists, dicts): totals first, then ``layers``."""
@@ -108,6 +122,8 @@ class PruneReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "macs_removed": self.macs_removed,
+            "architecture_before": self.architecture(after=False),
+            "architecture_after": self.architecture(),
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -136,6 +152,10 @@ class PruneReport:
         lines.append(
             f"MACs per example: {_short(self.macs_before)} -> {_short(self.macs_after)} "
             f"(-{100 * self.macs_removed:.1f}%)"
+        )
+        lines.append(
+            "architecture (conv filters, then Linear inputs): "
+            f"{self.architecture(after=False)} -> {self.architecture()}"
         )
         return "\n".join(lines)
 
@@ -212,7 +232,7 @@ def size_report(original: nn.Module, pruned: nn.Module, example_inputs: Any) -> 
         if not isinstance(module, _WIDTH_TYPES):
             continue
         small = pruned_modules.get(name)
-        if small is None or type(small) is not type(module):
+        if small is None or not isinstance(small, type(module)):
             raise ValueError(
                 f"`size_report(pruned=...)`: expected a pruned copy of the original model, but "
                 f"its layer {name!r} is missing or of another type. HINT: pass the model "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_sparsity.pruning.features import FeatureLinear
 from lightning_sparsity.pruning.layers import COUNT_ATTRS, Layer, Shape, layer_of
 from lightning_sparsity.pruning.outputs import run_eval
 
@@ -84,6 +85,8 @@ def describe_widths(model: nn.Module, inputs: dict[str, Any] | None = None) -> d
                 modules[name] = {"class": type(module).__name__, "tensors": tensors}
             continue
         entry: dict[str, Any] = {"class": type(module).__name__}
+        if isinstance(module, FeatureLinear):  # a Linear reading some of its input features
+            entry = {"class": "Linear", "total_features": module.total_features}
         entry.update({attr: _plain(getattr(module, attr)) for attr in family.attrs})
         modules[name] = entry
     description: dict[str, Any] = {
@@ -204,6 +207,28 @@ def _resized(module: nn.Module, widths: dict[str, Any], shapes: dict[str, Shape]
     return new
 
 
+def _feature_linear(
+    name: str, module: nn.Module, entry: Mapping[str, Any], widths: dict[str, Any]
+) -> nn.Module:
+    """The :class:`FeatureLinear` an entry with ``total_features`` describes (tensors empty)."""
+    total = entry["total_features"]
+    fits = _is_width(total) and int(widths["in_features"]) <= total
+    if not isinstance(module, nn.Linear) or not fits or total > module.in_features:
+        raise ValueError(
+            f"module {name!r}: expected the saved selection of input features to read at most "
+            f"the {getattr(module, 'in_features', None)!r} features of the model's "
+            f"`{type(module).__name__}` there, got {widths['in_features']!r} of {total!r}"
+        )
+    return FeatureLinear(
+        int(widths["in_features"]),
+        int(widths["out_features"]),
+        module.bias is not None,
+        total_features=int(total),
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+    )
+
+
 def _close(name: str, names: list[str]) -> str:
     near = difflib.get_close_matches(name, names, n=3)
     return f" Did you mean {near}?" if near else ""
@@ -274,6 +299,10 @@ def reshape_to_widths(  # noqa: C901 (one case per layer family)
         for key, shape in shapes.items():
             if f"{prefix}{key}" in expected:
                 expected[f"{prefix}{key}"] = shape
+        if isinstance(entry, Mapping) and "total_features" in entry:
+            plan[name] = _feature_linear(name, module, entry, widths)
+            expected[f"{prefix}kept_features"] = (int(widths["in_features"]),)
+            continue
         if widths == current:
             continue
         if not name:

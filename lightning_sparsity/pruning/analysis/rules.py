@@ -59,6 +59,7 @@ from lightning_sparsity.pruning.analysis.spaces import (
     mix_value,
     norm_value,
 )
+from lightning_sparsity.pruning.features import FeatureLinear
 from lightning_sparsity.pruning.layers import CHANNEL_NORM_TYPES, MIXING_NORM_TYPES
 
 if TYPE_CHECKING:
@@ -357,6 +358,8 @@ def _mixing_norm(a: Analysis, node: fx.Node) -> Any:
 
 
 def _modules_rule(m: nn.Module) -> Rule | None:
+    if isinstance(m, FeatureLinear):  # reads a selection of its input: kept whole
+        return None
     for types, rule in _MODULE_RULES:
         if isinstance(m, types):
             return rule
