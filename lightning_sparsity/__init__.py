@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "VariableSplitting": "lightning_sparsity.callbacks.splitting",
     "FilterThresholding": "lightning_sparsity.callbacks.thresholding",
     "SparsityMonitor": "lightning_sparsity.callbacks.monitor",
+    "SparsityBudget": "lightning_sparsity.callbacks.budget",
     "PrunedExport": "lightning_sparsity.callbacks.export",
     # physical pruning
     "prune_model": "lightning_sparsity.pruning.export",
@@ -62,6 +63,7 @@ __all__ = [
     "PrunedCheckpointMixin",
     "PrunedExport",
     "ResNetCIFAR",
+    "SparsityBudget",
     "SparsityMonitor",
     "SparsityRegularizer",
     "VariableSplitting",
@@ -80,6 +82,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lightning_sparsity.callbacks.budget import SparsityBudget
     from lightning_sparsity.callbacks.export import PrunedExport
     from lightning_sparsity.callbacks.monitor import SparsityMonitor
     from lightning_sparsity.callbacks.proximal import ProximalSparsity

@@ -59,6 +59,9 @@ class TargetedCallback(OrderedCallback):
         self.layers = layers
         self.log_every_n_steps = check_log_every(log_every_n_steps, owner=self.OWNER)
         self.check_finite = check_bool(check_finite, owner=self.OWNER, arg="check_finite")
+        #: a factor on the strength, set by [`SparsityBudget`][lightning_sparsity.SparsityBudget]
+        #: when it steers this callback (1.0 otherwise)
+        self.strength_scale = 1.0
         self._targets: list[Target] = []
         self._current = 0.0
         self._param_ids: dict[int, set[int]] = {}
@@ -74,7 +77,13 @@ class TargetedCallback(OrderedCallback):
         )
 
     def _strength_now(self, trainer: pl.Trainer) -> float:
-        return strength_at(self.strength, trainer.current_epoch, owner=self.OWNER)
+        base = strength_at(self.strength, trainer.current_epoch, owner=self.OWNER)
+        return base * self.strength_scale
+
+    def rescale(self, factor: float, trainer: pl.Trainer) -> None:
+        """Multiply the strength by ``factor`` from now on (a budget steering this callback)."""
+        self.strength_scale = factor
+        self._current = self._strength_now(trainer)
 
     def _active(self, optimizer: torch.optim.Optimizer) -> list[Target]:
         """The selected weights that ``optimizer`` is about to step (they have a gradient)."""

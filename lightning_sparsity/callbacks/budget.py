@@ -1,0 +1,355 @@
+"""Reach an exported size by a given epoch, instead of guessing a strength and a threshold."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sparsity.callbacks._order import OrderedCallback
+from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
+from lightning_sparsity.callbacks._targeted import TargetedCallback
+from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filter_norms
+from lightning_sparsity.pruning.budget import Sizer, budget_count, plan_cut
+from lightning_sparsity.pruning.masks import FilterMasks, build_groups
+from lightning_sparsity.selection import (
+    LayerSpec,
+    batch_input,
+    network_name,
+    resolve_network,
+    select_layers,
+)
+from lightning_sparsity.validation import check_choice, check_int, fail
+
+_OWNER = "SparsityBudget"
+
+
+def schedule(dense: int, target: int, done: int, start: int, end: int) -> int:
+    """The size due after ``done`` epochs: cubic from ``dense`` to ``target``.
+
+    From ``dense`` at ``start`` to ``target`` at ``end``, fast first and gentle at the end (Zhu
+    and Gupta's gradual schedule).
+
+    Example::
+
+        >>> [schedule(1000, 100, k, 0, 4) for k in range(5)]
+        [1000, 479, 214, 114, 100]
+    """
+    if done <= start:
+        return dense
+    t = min((done - start) / (end - start), 1.0)
+    return round(target + (dense - target) * (1 - t) ** 3)
+
+
+class SparsityBudget(OrderedCallback):
+    """Make the exported model a given size by a given epoch, then keep training the survivors.
+
+    Give the size as a fraction (``0 < x <= 1``) or a count of the dense model's ``params`` or
+    ``macs`` (per sample), as the export counts them. At the end of each epoch from
+    ``start_epoch`` to ``by_epoch`` the callback cuts to a gradual (cubic) schedule: across all
+    selected layers at once it kills the filters of least significance (``criterion`` norm,
+    relative to the layer's mean) per unit of size saved, each saving measured by the export's
+    own analysis ([`plan_cut`][lightning_sparsity.pruning.budget.plan_cut]), so the cut at
+    ``by_epoch`` lands at or just below the budget (never above it). Killed filters stay dead
+    (weights, BatchNorm, gradients and optimizer state, as
+    [`FilterThresholding`][lightning_sparsity.FilterThresholding]), and the epochs after
+    ``by_epoch`` train the survivors.
+
+    With a regularizer in the Trainer
+    ([`SparsityRegularizer`][lightning_sparsity.SparsityRegularizer],
+    [`ProximalSparsity`][lightning_sparsity.ProximalSparsity] or
+    [`VariableSplitting`][lightning_sparsity.VariableSplitting]) the callback steers its strength:
+    doubled after a cut whose filters still mattered (relative score above 0.5), reduced after a
+    cut of filters the regularizer had already emptied (below 0.1), so no strength needs tuning.
+
+    Args:
+        params: the budget in parameters (all of the exported model's), a fraction or a count.
+        macs: the budget in multiply-accumulates per sample, a fraction or a count.
+        by_epoch: the number of training epochs after which the budget is met (<= max_epochs).
+        start_epoch: epochs of dense training before the first cut.
+        min_filters: never leave a layer with fewer live filters.
+        round_to: keep a multiple of this many filters per layer (or its full width).
+        criterion: the filter norm that ranks filters within a layer.
+        layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]); the output
+            layer is always skipped.
+        example_inputs: a batch the network takes, for the size; default two samples of the
+            first training batch.
+        steer: adjust the strength of the regularizers in the Trainer.
+
+    Raises:
+        ValueError: neither or both of ``params`` and ``macs``; a budget of 0, above 1 as a
+            fraction or above the dense model as a count; one the floors make unreachable;
+            ``by_epoch`` beyond ``max_epochs`` or not after ``start_epoch``.
+
+    Example::
+
+        >>> from lightning_sparsity import SparsityBudget
+        >>> budget = SparsityBudget(macs=0.25, by_epoch=8)
+        >>> budget.metric, budget.budget
+        ('macs', 0.25)
+
+    Hooks used:
+        ``setup`` (layers, epochs), ``on_train_batch_start`` (the example, the dense size),
+        ``on_train_start`` (re-apply restored masks and strength), ``on_before_optimizer_step``
+        / ``on_train_batch_end`` (keep the dead filters dead), ``on_train_epoch_end`` (a cut,
+        logged as ``sparsity/budget/*``), ``state_dict`` / ``load_state_dict``.
+    """
+
+    #: with the thresholding: after the penalties, before the monitor
+    RANKS: ClassVar[dict[str, int]] = {
+        "before_step": 41,
+        "batch_end": 41,
+        "epoch_end": 41,
+        "train_end": 41,
+    }
+
+    def __init__(
+        self,
+        params: float | int | None = None,
+        macs: float | int | None = None,
+        by_epoch: int = 1,
+        start_epoch: int = 0,
+        min_filters: int = 1,
+        round_to: int = 1,
+        criterion: FilterNorm = "l2",
+        layers: LayerSpec = None,
+        example_inputs: Tensor | tuple[Tensor, ...] | None = None,
+        steer: bool = True,
+    ) -> None:
+        super().__init__()
+        if (params is None) == (macs is None):
+            fail(
+                _OWNER,
+                "params",
+                params,
+                "exactly one of `params` and `macs`",
+                got=f"params={params!r}, macs={macs!r}",
+                hint="`SparsityBudget(macs=0.25, by_epoch=8)`.",
+            )
+        self.metric = "params" if params is not None else "macs"
+        self.budget: float | int = params if params is not None else macs  # type: ignore[assignment]
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
+            fail(
+                _OWNER,
+                self.metric,
+                self.budget,
+                "a fraction or a count",
+                got=type(self.budget).__name__,
+                error=TypeError,
+            )
+        budget_count(self.budget, max(int(self.budget), 1), metric=self.metric, owner=_OWNER)
+        self.start_epoch = check_int(start_epoch, owner=_OWNER, arg="start_epoch", low=0)
+        self.by_epoch = check_int(by_epoch, owner=_OWNER, arg="by_epoch", low=start_epoch + 1)
+        self.min_filters = check_int(min_filters, owner=_OWNER, arg="min_filters", low=1)
+        self.round_to = check_int(round_to, owner=_OWNER, arg="round_to", low=1)
+        check_choice(criterion, FILTER_NORMS, owner=_OWNER, arg="criterion")
+        self.criterion: FilterNorm = criterion
+        self.layers = layers
+        self.example_inputs = example_inputs
+        self.steer = steer
+        #: the dense and target sizes (set at the first batch), the size after the last cut
+        self.dense: int | None = None
+        self.target: int | None = None
+        self.size: dict[str, int] = {}
+        #: the factor applied to the regularizers' strength
+        self.strength_scale = 1.0
+        self._filters = FilterMasks({})
+        self._sizer: Sizer | None = None
+        self._example: tuple[Tensor, ...] | None = None
+        self._last_cut_step = -1
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter."""
+        return self._filters.masks
+
+    @property
+    def state_key(self) -> str:
+        """One state per metric, budget, schedule and layers."""
+        return self._generate_state_key(
+            metric=self.metric, budget=self.budget, by_epoch=self.by_epoch, layers=self.layers
+        )
+
+    # ------------------------------------------------------------------ setup and state
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        refuse_sharded_strategy(trainer, owner=_OWNER)
+        self._reset_order()
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.by_epoch > max_epochs:
+            fail(
+                _OWNER,
+                "by_epoch",
+                self.by_epoch,
+                f"`by_epoch` <= `max_epochs` ({max_epochs})",
+                hint="meet the budget a few epochs before the end, so the survivors train.",
+            )
+        if max_epochs == self.by_epoch:
+            rank_zero_warn(
+                f"`{_OWNER}`: the budget is met at the last epoch, so the survivors "
+                "get no training after the last cut. HINT: `by_epoch < max_epochs`."
+            )
+        network = resolve_network(pl_module)
+        names = [
+            layer.name
+            for layer in select_layers(network, self.layers, owner=_OWNER)
+            if not layer.is_output
+        ]
+        self._filters = FilterMasks(build_groups(network, names, _OWNER), self.masks)
+        if self.example_inputs is not None:
+            inputs = self.example_inputs
+            self._example = inputs if isinstance(inputs, tuple) else (inputs,)
+            self._start(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {n: m.tolist() for n, m in self.masks.items()},
+            "dense": self.dense,
+            "target": self.target,
+            "size": dict(self.size),
+            "strength_scale": self.strength_scale,
+            "example": None if self._example is None else list(self._example),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        masks = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in state_dict["masks"].items()}
+        self._filters = FilterMasks(self._filters.groups, masks)
+        self.dense, self.target = state_dict.get("dense"), state_dict.get("target")
+        self.size = dict(state_dict.get("size") or {})
+        self.strength_scale = float(state_dict.get("strength_scale", 1.0))
+        example = state_dict.get("example")
+        self._example = tuple(example) if example is not None else self._example
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        """Measure the dense size and check that the budget is reachable (before any step)."""
+        network = pl_module.get_submodule(network_name(pl_module, owner=_OWNER))
+        example = tuple(t.to(next(network.parameters()).device) for t in self._example or ())
+        self._sizer = Sizer(network, self._filters.groups, example)
+        if self.dense is None:
+            full = {n: torch.ones_like(m) for n, m in self.masks.items()}
+            self.dense = self._sizer.size(full)[self.metric]
+            self.target = budget_count(self.budget, self.dense, metric=self.metric, owner=_OWNER)
+        floors = {n: torch.zeros_like(m) for n, m in self.masks.items()}
+        for mask in floors.values():
+            mask[: min(self.min_filters, mask.numel())] = True
+        least = self._sizer.size(floors)[self.metric]
+        if self.target is not None and least > self.target:
+            fail(
+                _OWNER,
+                self.metric,
+                self.budget,
+                f"a budget above the {least:,} {self.metric} left with every layer at "
+                f"`min_filters={self.min_filters}`",
+                got=f"{self.target:,}",
+                hint="lower `min_filters`, or raise the budget.",
+            )
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._sizer is not None:
+            return
+        if self._example is None:
+            x = batch_input(batch, 2)
+            if x is None:
+                fail(
+                    _OWNER,
+                    "example_inputs",
+                    None,
+                    "example inputs for the size",
+                    got=f"a batch of type {type(batch).__name__} without a tensor input",
+                    hint="pass `example_inputs=` (a couple of samples).",
+                )
+            self._example = (torch.cat([x, x]) if len(x) == 1 else x,)
+        self._start(pl_module)
+
+    def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._filters.check(_OWNER)
+        self._filters.apply(trainer.optimizers)
+        self._steer(trainer, self.strength_scale)
+
+    def _before_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._filters.zero_grads()
+
+    def _batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
+    ) -> None:
+        self._filters.apply(trainer.optimizers)
+
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if not self.start_epoch < done <= self.by_epoch or self._sizer is None:
+            return
+        assert self.dense is not None
+        assert self.target is not None
+        due = schedule(self.dense, self.target, done, self.start_epoch, self.by_epoch)
+        scores = {
+            n: filter_norms(g.weight, self.criterion).cpu() for n, g in self._filters.groups.items()
+        }
+        masks, size = self.masks, self.size
+        if trainer.is_global_zero:
+            masks, size = plan_cut(
+                self._sizer,
+                self.masks,
+                scores,
+                due,
+                self.metric,  # type: ignore[arg-type]
+                min_filters=self.min_filters,
+                round_to=self.round_to,
+            )
+        masks, size = trainer.strategy.broadcast((masks, size), src=0)
+        killed = {n: self.masks[n] & ~m for n, m in masks.items()}
+        self._filters.update(masks, trainer.optimizers)
+        self.size = size
+        self._last_cut_step = trainer.global_step
+        self._adapt(trainer, scores, killed)
+        metrics = {
+            "sparsity/budget/due": float(due),
+            "sparsity/budget/strength_scale": self.strength_scale,
+            **{f"sparsity/budget/{k}": float(v) for k, v in size.items()},
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+        rank_zero_info(
+            f"`{_OWNER}` epoch {done}: {self.metric} {size[self.metric]:,} "
+            f"(due {due:,}, budget {self.target:,}); live {self._filters.live()}"
+        )
+
+    def _adapt(
+        self, trainer: pl.Trainer, scores: dict[str, Tensor], killed: dict[str, Tensor]
+    ) -> None:
+        """Steer the regularizers by how much the filters just cut still mattered."""
+        rel = [
+            scores[n][k] / scores[n][self.masks[n] | k].mean().clamp_min(1e-12)
+            for n, k in killed.items()
+            if bool(k.any())
+        ]
+        if not self.steer or not rel:
+            return
+        mattered = float(torch.cat(rel).mean())
+        if mattered > 0.5:
+            self._steer(trainer, min(self.strength_scale * 2.0, 1e3))
+        elif mattered < 0.1:
+            self._steer(trainer, max(self.strength_scale * 0.7, 1e-3))
+
+    def _steer(self, trainer: pl.Trainer, scale: float) -> None:
+        self.strength_scale = scale
+        if self.steer:
+            for cb in trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(cb, TargetedCallback):
+                    cb.rescale(scale, trainer)
+
+    def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._filters.apply(trainer.optimizers)

@@ -1,0 +1,116 @@
+"""SparsityBudget: the exported model meets the budget (never above, within 2% below)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sparsity import (
+    ClassificationModule,
+    PrunedExport,
+    SparsityBudget,
+    SparsityRegularizer,
+)
+from lightning_sparsity.callbacks.budget import schedule
+
+
+def loader(n: int = 64, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def fit(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    torch.manual_seed(0)
+    options: dict[str, Any] = {
+        "max_epochs": 3,
+        "default_root_dir": tmp_path,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "accelerator": "cpu",
+    }
+    options.update(kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.fit(ClassificationModule("lenet5", optimizer="adam", lr=1e-3), loader())
+    return trainer
+
+
+@pytest.mark.parametrize(("metric", "fraction"), [("params", 0.05), ("macs", 0.25)])
+def test_export_meets_the_budget(tmp_path: Path, metric: str, fraction: float) -> None:
+    budget = SparsityBudget(**{metric: fraction}, by_epoch=2)
+    export = PrunedExport(dirpath=tmp_path / "out", formats=("pt",))
+    fit(tmp_path, [SparsityRegularizer("l1_l2", 1e-3), budget, export])
+    report = export.report
+    size = report.params_after if metric == "params" else report.macs_after
+    dense = report.params_before if metric == "params" else report.macs_before
+    assert budget.dense == dense  # the budget counts what the export counts
+    target = int(fraction * dense)
+    assert budget.target == target
+    assert size <= target
+    assert size >= 0.98 * target
+    assert budget.size[metric] == size
+
+
+def test_schedule_and_bad_input(tmp_path: Path) -> None:
+    assert schedule(1000, 100, 0, 0, 4) == 1000
+    assert schedule(1000, 100, 4, 0, 4) == 100
+    with pytest.raises(ValueError, match=r"exactly one of `params` and `macs`"):
+        SparsityBudget(by_epoch=2)
+    with pytest.raises(ValueError, match=r"`SparsityBudget\(params=0.0\)`: expected a fraction"):
+        SparsityBudget(params=0.0)
+    with pytest.raises(ValueError, match=r"`SparsityBudget\(macs=1.5\)`: expected a fraction"):
+        SparsityBudget(macs=1.5)
+    with pytest.raises(ValueError, match=r"`by_epoch` <= `max_epochs` \(3\)"):
+        fit(tmp_path, [SparsityBudget(params=0.5, by_epoch=5)])
+    with pytest.raises(ValueError, match=r"expected a count between 1 and the dense model's"):
+        fit(tmp_path, [SparsityBudget(params=10**9, by_epoch=2)])
+    with pytest.raises(ValueError, match=r"expected a budget above the .* `min_filters=10`"):
+        fit(tmp_path, [SparsityBudget(params=0.001, by_epoch=2, min_filters=10)])
+
+
+def test_round_to_keeps_multiples(tmp_path: Path) -> None:
+    budget = SparsityBudget(params=0.2, by_epoch=2, round_to=4)
+    fit(tmp_path, [budget])
+    for name, mask in budget.masks.items():
+        live = int(mask.sum())
+        assert live % 4 == 0 or live == mask.numel(), (name, live)
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    budget = SparsityBudget(params=0.1, by_epoch=2)
+    reg = SparsityRegularizer("group_lasso", 1e-3)
+    with pytest.warns(UserWarning, match="the budget is met at the last epoch"):
+        trainer = fit(tmp_path, [reg, budget], max_epochs=2)
+    ckpt = tmp_path / "b.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = SparsityBudget(params=0.1, by_epoch=2)
+    reg2 = SparsityRegularizer("group_lasso", 1e-3)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[reg2, resumed],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = ClassificationModule("lenet5", optimizer="adam", lr=1e-3)
+    trainer.fit(module, loader(), ckpt_path=ckpt)
+    assert (resumed.dense, resumed.target, resumed.size) == (
+        budget.dense,
+        budget.target,
+        budget.size,
+    )
+    assert resumed.strength_scale == budget.strength_scale == reg2.strength_scale
+    for name, mask in budget.masks.items():
+        assert torch.equal(resumed.masks[name], mask)
+        weight = module.model.get_submodule(name).weight
+        assert weight[~mask].abs().sum() == 0  # dead after one more epoch of training
