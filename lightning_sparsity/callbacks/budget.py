@@ -37,7 +37,7 @@ def schedule(dense: int, target: int, done: int, start: int, end: int) -> int:
     Example::
 
         >>> [schedule(1000, 100, k, 0, 4) for k in range(5)]
-        [1000, 479, 214, 114, 100]
+        [1000, 480, 212, 114, 100]
     """
     if done <= start:
         return dense
