@@ -60,8 +60,8 @@ def test_export_meets_the_budget(tmp_path: Path, metric: str, fraction: float) -
 
 
 def test_schedule_and_bad_input(tmp_path: Path) -> None:
-    assert schedule(1000, 100, 0, 0, 4) == 1000
-    assert schedule(1000, 100, 4, 0, 4) == 100
+    assert schedule(1000, 100, 0.0) == 1000
+    assert schedule(1000, 100, 1.0) == 100
     with pytest.raises(ValueError, match=r"exactly one of `params` and `macs`"):
         SparsityBudget(by_epoch=2)
     with pytest.raises(ValueError, match=r"`SparsityBudget\(params=0.0\)`: expected a fraction"):
@@ -74,6 +74,14 @@ def test_schedule_and_bad_input(tmp_path: Path) -> None:
         fit(tmp_path, [SparsityBudget(params=10**9, by_epoch=2)])
     with pytest.raises(ValueError, match=r"expected a budget above the .* `min_filters=10`"):
         fit(tmp_path, [SparsityBudget(params=0.001, by_epoch=2, min_filters=10)])
+
+
+def test_the_whole_schedule_fits_in_half_an_epoch(tmp_path: Path) -> None:
+    budget = SparsityBudget(params=0.1, by_epoch=0.5, cuts=2)
+    export = PrunedExport(dirpath=tmp_path / "out", formats=("pt",))
+    fit(tmp_path, [budget, export], max_epochs=1)  # 4 steps: cuts after steps 1 and 2
+    assert budget._cut_steps == [1, 2]
+    assert 0.98 * budget.target <= export.report.params_after <= budget.target
 
 
 def test_round_to_keeps_multiples(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -23,34 +24,46 @@ from lightning_sparsity.selection import (
     resolve_network,
     select_layers,
 )
-from lightning_sparsity.validation import check_choice, check_int, fail
+from lightning_sparsity.validation import check_choice, check_float, check_int, fail
 
 _OWNER = "SparsityBudget"
 
 
-def schedule(dense: int, target: int, done: int, start: int, end: int) -> int:
-    """The size due after ``done`` epochs: cubic from ``dense`` to ``target``.
+def schedule(dense: int, target: int, progress: float) -> int:
+    """The size due at ``progress`` (0 to 1) of the way: cubic from ``dense`` to ``target``.
 
-    From ``dense`` at ``start`` to ``target`` at ``end``, fast first and gentle at the end (Zhu
-    and Gupta's gradual schedule).
+    Fast first and gentle at the end (Zhu and Gupta's gradual schedule).
 
     Example::
 
-        >>> [schedule(1000, 100, k, 0, 4) for k in range(5)]
+        >>> [schedule(1000, 100, k / 4) for k in range(5)]
         [1000, 480, 212, 114, 100]
     """
-    if done <= start:
-        return dense
-    t = min((done - start) / (end - start), 1.0)
+    t = min(max(progress, 0.0), 1.0)
     return round(target + (dense - target) * (1 - t) ** 3)
+
+
+def cut_steps(start: float, end: float, steps_per_epoch: int, cuts: int) -> list[int]:
+    """The optimizer steps after which the ``cuts`` cuts happen, the last one at ``end``.
+
+    Evenly spaced from ``start`` to ``end`` epochs of ``steps_per_epoch`` optimizer steps.
+
+    Example::
+
+        >>> cut_steps(0, 0.5, 100, 4), cut_steps(1, 3, 10, 2)
+        ([12, 25, 38, 50], [20, 30])
+    """
+    first, last = start * steps_per_epoch, end * steps_per_epoch
+    return [max(round(first + (last - first) * (i + 1) / cuts), 1) for i in range(cuts)]
 
 
 class SparsityBudget(OrderedCallback):
     """Make the exported model a given size by a given epoch, then keep training the survivors.
 
     Give the size as a fraction (``0 < x <= 1``) or a count of the dense model's ``params`` or
-    ``macs`` (per sample), as the export counts them. At the end of each epoch from
-    ``start_epoch`` to ``by_epoch`` the callback cuts to a gradual (cubic) schedule: across all
+    ``macs`` (per sample), as the export counts them. At ``cuts`` evenly spaced optimizer steps
+    from ``start_epoch`` to ``by_epoch`` (fractions of an epoch allowed, so one epoch can hold
+    the whole schedule) the callback cuts to a gradual (cubic) schedule: across all
     selected layers at once it kills the filters of least significance (``criterion`` norm,
     relative to the layer's mean) per unit of size saved, each saving measured by the export's
     own analysis ([`plan_cut`][lightning_sparsity.pruning.budget.plan_cut]), so the cut at
@@ -69,8 +82,10 @@ class SparsityBudget(OrderedCallback):
     Args:
         params: the budget in parameters (all of the exported model's), a fraction or a count.
         macs: the budget in multiply-accumulates per sample, a fraction or a count.
-        by_epoch: the number of training epochs after which the budget is met (<= max_epochs).
-        start_epoch: epochs of dense training before the first cut.
+        by_epoch: the epochs (a float: ``0.5`` is half of the first) after which the budget is
+            met, <= ``max_epochs``.
+        start_epoch: epochs of dense training before the schedule starts.
+        cuts: the number of cuts; default one per epoch of the schedule, at least 4.
         min_filters: never leave a layer with fewer live filters.
         round_to: keep a multiple of this many filters per layer (or its full width).
         criterion: the filter norm that ranks filters within a layer.
@@ -95,8 +110,8 @@ class SparsityBudget(OrderedCallback):
     Hooks used:
         ``setup`` (layers, epochs), ``on_train_batch_start`` (the example, the dense size),
         ``on_train_start`` (re-apply restored masks and strength), ``on_before_optimizer_step``
-        / ``on_train_batch_end`` (keep the dead filters dead), ``on_train_epoch_end`` (a cut,
-        logged as ``sparsity/budget/*``), ``state_dict`` / ``load_state_dict``.
+        (keep the dead filters dead), ``on_train_batch_end`` (a cut when due, logged as
+        ``sparsity/budget/*``; re-apply the masks), ``state_dict`` / ``load_state_dict``.
     """
 
     #: with the thresholding: after the penalties, before the monitor
@@ -111,8 +126,9 @@ class SparsityBudget(OrderedCallback):
         self,
         params: float | int | None = None,
         macs: float | int | None = None,
-        by_epoch: int = 1,
-        start_epoch: int = 0,
+        by_epoch: float = 1,
+        start_epoch: float = 0,
+        cuts: int | None = None,
         min_filters: int = 1,
         round_to: int = 1,
         criterion: FilterNorm = "l2",
@@ -142,8 +158,14 @@ class SparsityBudget(OrderedCallback):
                 error=TypeError,
             )
         budget_count(self.budget, max(int(self.budget), 1), metric=self.metric, owner=_OWNER)
-        self.start_epoch = check_int(start_epoch, owner=_OWNER, arg="start_epoch", low=0)
-        self.by_epoch = check_int(by_epoch, owner=_OWNER, arg="by_epoch", low=start_epoch + 1)
+        self.start_epoch = check_float(start_epoch, owner=_OWNER, arg="start_epoch", low=0.0)
+        self.by_epoch = check_float(
+            by_epoch, owner=_OWNER, arg="by_epoch", low=self.start_epoch, strict_low=True
+        )
+        span = self.by_epoch - self.start_epoch
+        self.cuts = check_int(
+            cuts if cuts is not None else max(math.ceil(span), 4), owner=_OWNER, arg="cuts", low=1
+        )
         self.min_filters = check_int(min_filters, owner=_OWNER, arg="min_filters", low=1)
         self.round_to = check_int(round_to, owner=_OWNER, arg="round_to", low=1)
         check_choice(criterion, FILTER_NORMS, owner=_OWNER, arg="criterion")
@@ -160,7 +182,8 @@ class SparsityBudget(OrderedCallback):
         self._filters = FilterMasks({})
         self._sizer: Sizer | None = None
         self._example: tuple[Tensor, ...] | None = None
-        self._last_cut_step = -1
+        self._cut_steps: list[int] = []
+        self._cut_at = -1
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -190,7 +213,7 @@ class SparsityBudget(OrderedCallback):
                 f"`by_epoch` <= `max_epochs` ({max_epochs})",
                 hint="meet the budget a few epochs before the end, so the survivors train.",
             )
-        if max_epochs == self.by_epoch:
+        if max_epochs is not None and max_epochs <= self.by_epoch:
             rank_zero_warn(
                 f"`{_OWNER}`: the budget is met at the last epoch, so the survivors "
                 "get no training after the last cut. HINT: `by_epoch < max_epochs`."
@@ -274,6 +297,20 @@ class SparsityBudget(OrderedCallback):
         self._start(pl_module)
 
     def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        steps = (
+            math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+        )
+        if steps < 1:
+            fail(
+                _OWNER,
+                "by_epoch",
+                self.by_epoch,
+                "an epoch of known, positive length",
+                got=f"{batches} training batches",
+                hint="give the train dataloader a length.",
+            )
+        self._cut_steps = cut_steps(self.start_epoch, self.by_epoch, steps, self.cuts)
         self._filters.check(_OWNER)
         self._filters.apply(trainer.optimizers)
         self._steer(trainer, self.strength_scale)
@@ -286,15 +323,18 @@ class SparsityBudget(OrderedCallback):
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
+        step = trainer.global_step
+        if step in self._cut_steps and step != self._cut_at:
+            self._cut_at = step
+            self._cut(trainer, (self._cut_steps.index(step) + 1) / len(self._cut_steps))
         self._filters.apply(trainer.optimizers)
 
-    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        done = trainer.current_epoch + 1
-        if not self.start_epoch < done <= self.by_epoch or self._sizer is None:
-            return
+    def _cut(self, trainer: pl.Trainer, progress: float) -> None:
+        """Cut to the size the schedule gives at ``progress`` (0 to 1) of the way."""
+        assert self._sizer is not None
         assert self.dense is not None
         assert self.target is not None
-        due = schedule(self.dense, self.target, done, self.start_epoch, self.by_epoch)
+        due = schedule(self.dense, self.target, progress)
         scores = {
             n: filter_norms(g.weight, self.criterion).cpu() for n, g in self._filters.groups.items()
         }
@@ -313,7 +353,6 @@ class SparsityBudget(OrderedCallback):
         killed = {n: self.masks[n] & ~m for n, m in masks.items()}
         self._filters.update(masks, trainer.optimizers)
         self.size = size
-        self._last_cut_step = trainer.global_step
         self._adapt(trainer, scores, killed)
         metrics = {
             "sparsity/budget/due": float(due),
@@ -323,7 +362,7 @@ class SparsityBudget(OrderedCallback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
         rank_zero_info(
-            f"`{_OWNER}` epoch {done}: {self.metric} {size[self.metric]:,} "
+            f"`{_OWNER}` step {trainer.global_step}: {self.metric} {size[self.metric]:,} "
             f"(due {due:,}, budget {self.target:,}); live {self._filters.live()}"
         )
 
