@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_sparsity import PrunedExport
+from lightning_sparsity import PrunedExport, SparsityBudget
 from lightning_sparsity.data import MNISTDataModule
 from lightning_sparsity.module import ClassificationModule
 
@@ -80,11 +80,16 @@ def export_summary(trainer: pl.Trainer) -> list[str]:
         "",
         "== Pruned export (last epoch's weights) ==",
         f"kept widths: {widths}",
+        f"architecture (conv filters, then Linear inputs): {report.architecture(after=False)} "
+        f"-> {report.architecture()}",
         f"parameters: {report.params_before:,} -> {report.params_after:,} "
         f"(-{100 * report.params_removed:.1f}%)",
         f"MACs per example: {report.macs_before:,} -> {report.macs_after:,} "
         f"(-{100 * report.macs_removed:.1f}%)",
     ]
+    budget = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityBudget)), None)
+    if budget is not None and budget.target is not None:
+        lines.append(f"budget: {budget.target:,} {budget.metric} requested")
     lines += [f"{fmt}: {path}" for fmt, path in export.paths.items()]
     return lines
 

@@ -140,11 +140,13 @@ def _ranked(
     savings: Mapping[str, tuple[int, float]],
     floor: int,
     round_to: int,
+    cost_weight: float,
 ) -> list[tuple[str, Tensor]]:
     """Every killable step, lowest priority first: ``(layer, filters)``.
 
-    A step's priority is its filters' mean score relative to the layer's live mean, per unit of
-    measured saving relative to the mean saving.
+    A step's priority is its filters' mean score relative to the layer's live mean, divided by the
+    layer's live filters (the share of its capacity) and by its measured saving relative to the
+    mean saving raised to ``cost_weight``.
     """
     mean = sum(s for _, s in savings.values()) / max(len(savings), 1)
     steps = []
@@ -157,7 +159,8 @@ def _ranked(
         start, n = 0, live.numel()
         while first and n - first >= floor:
             idx = order[start : start + first]
-            steps.append((float(rel[idx].mean()) / (saving / mean), name, idx))
+            share = float(rel[idx].mean()) / n  # the share of the layer's capacity it holds
+            steps.append((share / (saving / mean) ** cost_weight, name, idx))
             start, n, first = start + first, n - first, round_to
     steps.sort(key=lambda s: s[0])
     return [(name, idx) for _, name, idx in steps]
@@ -217,16 +220,18 @@ def plan_cut(
     *,
     min_filters: int = 1,
     round_to: int = 1,
+    cost_weight: float = 1.0,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """The live masks whose export is at most ``target`` (in ``metric``) and close below it.
 
     Across all layers at once: every layer's next step (its weakest live filter, or down to the
-    next multiple of ``round_to``) has a saving measured by the export's analysis; steps are
-    ranked by their filters' score (relative to the layer's mean live score) per unit of saving
-    (relative to the mean saving), and a bisection finds the fewest steps that meet the target.
-    From the last ranking that is still above it, the finish takes the steps whose re-measured
-    saving fits the remaining gap best, so the size lands just below the target. Never below
-    ``min_filters`` per layer; nothing dead is revived.
+    next multiple of ``round_to``) has a saving measured by the export's analysis. A step's
+    priority is the share of its layer's capacity it holds (its filters' score relative to the
+    layer's mean live score, divided by the layer's live filters) per unit of saving (relative to
+    the mean saving, to the power ``cost_weight``): the lowest go first, and a bisection finds the
+    fewest steps that meet the target. From the last ranking still above it, the finish takes the
+    steps whose re-measured saving fits the remaining gap, so the size lands just below the
+    target. Never below ``min_filters`` per layer; nothing dead is revived.
 
     Returns:
         ``(masks, size)``: the new masks (CPU bool) and the measured ``{"params", "macs"}``.
@@ -239,7 +244,7 @@ def plan_cut(
     if size[metric] <= target:
         return masks, size
     savings = _savings(sizer, masks, scores, size[metric], metric, min_filters, round_to)
-    steps = _ranked(masks, scores, savings, min_filters, round_to)
+    steps = _ranked(masks, scores, savings, min_filters, round_to, cost_weight)
     floor_size = sizer.size(_apply(masks, steps))
     if floor_size[metric] > target:
         fail("SparsityBudget", metric, target,
