@@ -2,8 +2,9 @@
 
 The quick start is extracted from README.md and executed in a fresh Python process, in an empty
 folder into which the offline MNIST archives were copied (``data/MNIST/raw/*.gz``, the layout of
-``../shared/data``): torchvision's ``MNIST(root, download=True)`` finds them and checks their MD5,
-so nothing is downloaded.
+``../shared/data``): the data module finds them, unpacks them in the test's scratch cache
+(``$LIGHTNING_SPARSITY_CACHE``, set by conftest.py) and checks their MD5, so nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -85,3 +86,8 @@ def test_quick_start_runs_as_written(tmp_path: Path) -> None:
         paths = sorted(tmp_path.glob(f"lightning_logs/*/pruned/pruned.{suffix}"))
         assert len(paths) == 1, f"expected one exported .{suffix}, found {paths}"
         assert paths[0].stat().st_size > 0
+    # the printed report: the exported model is of the requested size (5% of the parameters)
+    match = re.search(r"parameters: ([\d,]+) -> ([\d,]+)", done.stdout)
+    assert match is not None, done.stdout[-4000:]
+    dense, pruned = (int(g.replace(",", "")) for g in match.groups())
+    assert 0.98 * int(0.05 * dense) <= pruned <= int(0.05 * dense)
