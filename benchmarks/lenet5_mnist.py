@@ -220,6 +220,9 @@ def build_callbacks(cfg: dict[str, Any], model: nn.Module, epochs: int) -> list[
     for entry in cfg.get("callbacks", []) or []:
         cls = getattr(lightning_sparsity, entry["class"])
         kwargs = {k: _schedule(v) for k, v in (entry.get("init_args") or {}).items()}
+        for key, value in kwargs.items():  # {fraction_of_epochs: f} -> f * epochs
+            if isinstance(value, dict) and "fraction_of_epochs" in value:
+                kwargs[key] = float(value["fraction_of_epochs"]) * epochs
         callbacks.append(cls(**kwargs))
     if "model_pruning" in cfg:
         from lightning.pytorch.callbacks import ModelPruning

@@ -74,3 +74,33 @@ def test_features_can_be_kept_and_a_wrong_file_is_refused(tmp_path: Path) -> Non
     wrong = nn.Sequential(nn.Conv2d(1, 20, 5))  # not the architecture that was pruned
     with pytest.raises(ValueError, match="does not have"):
         load_pruned(path, wrong)
+
+
+def test_thresholding_kills_single_input_features_that_the_export_removes(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sparsity import ClassificationModule, FilterThresholding, PrunedExport
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+    module = ClassificationModule("lenet5", optimizer="sgd", lr=1e-9)  # weights barely move
+    with torch.no_grad():
+        fc1 = module.model.get_submodule("classifier.1")
+        fc1.weight[:, 7] *= 1e-4  # one position of one conv2 channel, not the whole channel
+    thresholding = FilterThresholding(threshold=0.01, relative=True, features=True)
+    export = PrunedExport(dirpath=tmp_path, formats=("pt",), allow_unchanged=True)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[thresholding, export],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert thresholding.feature_masks["classifier.1"].tolist().count(False) == 1
+    assert not thresholding.feature_masks["classifier.1"][7]
+    pruned_fc1 = torch.load(export.paths["pt"], weights_only=True)["state_dict"]
+    assert pruned_fc1["classifier.1.kept_features"].numel() == 799
+    assert export.report.architecture().split("-")[2] == "799"

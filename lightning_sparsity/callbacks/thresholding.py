@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sparsity.callbacks._order import OrderedCallback
@@ -18,9 +18,10 @@ from lightning_sparsity.functional.scores import (
     check_round,
     threshold_round,
 )
-from lightning_sparsity.pruning.masks import FilterGroup, FilterMasks, build_groups
+from lightning_sparsity.pruning.masks import FeatureMasks, FilterGroup, FilterMasks, build_groups
 from lightning_sparsity.selection import LayerSpec, resolve_network, select_layers
 from lightning_sparsity.validation import (
+    check_bool,
     check_int,
     check_optional,
     describe,
@@ -66,8 +67,11 @@ class FilterThresholding(OrderedCallback):
             there, sparing its strongest candidates, with a warning.
         max_rounds: stop after this many rounds (``None``: no limit).
         layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]); the output
-            layer
-            is always skipped.
+            layer is always skipped.
+        features: also kill the input features (weight columns) of the selected Linear layers,
+            the output layer's included, whose ``norm`` is below ``threshold`` (relative to the
+            layer's largest column norm when ``relative``): the export removes them one by one,
+            as the published LeNet-5 rows count fc1's inputs.
 
     Raises:
         ValueError: a negative ``threshold``, ``fraction`` outside ``[0, 1)``, an unknown ``norm``
@@ -113,6 +117,7 @@ class FilterThresholding(OrderedCallback):
         min_filters: int = 1,
         max_rounds: int | None = None,
         layers: LayerSpec = None,
+        features: bool = False,
     ) -> None:
         self.threshold = threshold
         self.norm = norm
@@ -125,16 +130,23 @@ class FilterThresholding(OrderedCallback):
         self.min_filters = min_filters
         self.max_rounds = max_rounds
         self.layers = layers
+        self.features = check_bool(features, owner=_OWNER, arg="features")
         self._validate()
         super().__init__()
         self.rounds = 0
         self._filters = FilterMasks({})
+        self._features = FeatureMasks({})
         self._last_kill = (-1, 0)  # (global step, filters killed) of the last round
 
     @property
     def masks(self) -> dict[str, Tensor]:
         """Layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter."""
         return self._filters.masks
+
+    @property
+    def feature_masks(self) -> dict[str, Tensor]:
+        """Linear layer name -> bool tensor ``[in]``, ``True`` for a live input feature."""
+        return self._features.masks
 
     def __repr__(self) -> str:
         return (
@@ -200,11 +212,16 @@ class FilterThresholding(OrderedCallback):
                     hint="lower `min_filters` or pass `layers=`.",
                 )
         self._filters = FilterMasks(groups, self.masks)
+        linears: dict[str, nn.Module] = {
+            layer.name: layer.module for layer in selected if isinstance(layer.module, nn.Linear)
+        }
+        self._features = FeatureMasks(linears if self.features else {}, self.feature_masks)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: mask.tolist() for name, mask in self.masks.items()},
+            "feature_masks": {name: mask.tolist() for name, mask in self.feature_masks.items()},
             "rounds": self.rounds,
         }
 
@@ -213,22 +230,31 @@ class FilterThresholding(OrderedCallback):
         masks = state_dict.get("masks", {})
         masks = {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()}
         self._filters = FilterMasks(self._filters.groups, masks)
+        features = state_dict.get("feature_masks", {})
+        features = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in features.items()}
+        self._features = FeatureMasks(self._features.layers, features)
         self.rounds = int(state_dict.get("rounds", 0))
 
     # ------------------------------------------------------------------ hooks
+    def _apply(self, trainer: pl.Trainer) -> None:
+        self._filters.apply(trainer.optimizers)
+        self._features.apply(trainer.optimizers)
+
     def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._filters.check(_OWNER)
-        self._filters.apply(trainer.optimizers)
+        self._features.check(_OWNER)
+        self._apply(trainer)
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._filters.zero_grads()
+        self._features.zero_grads()
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
     ) -> None:
-        self._filters.apply(trainer.optimizers)
+        self._apply(trainer)
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -239,13 +265,17 @@ class FilterThresholding(OrderedCallback):
         masks = {name: self._decide(group) for name, group in self._filters.groups.items()}
         masks = trainer.strategy.broadcast(masks, src=0)  # identical decisions on every rank
         killed = self._filters.update(masks, trainer.optimizers)
+        if self._features.layers and self.threshold is not None:
+            columns = {n: self._decide_features(n) for n in self._features.layers}
+            columns = trainer.strategy.broadcast(columns, src=0)
+            killed += self._features.update(columns, trainer.optimizers)
         self._last_kill = (trainer.global_step, killed)
         self.rounds += 1
-        live = self._filters.live()
+        live = {**self._filters.live(), **{f"{n}/in": k for n, k in self._features.live().items()}}
         rank_zero_info(f"`{_OWNER}` round {self.rounds} (epoch {epoch}): live {live}")
 
     def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._filters.apply(trainer.optimizers)
+        self._apply(trainer)
         step, killed = self._last_kill
         if killed and step == trainer.global_step:
             rank_zero_warn(
@@ -282,4 +312,17 @@ class FilterThresholding(OrderedCallback):
                 f"{max(wanted, 0)} live filters; it keeps {int(new.sum())}, the strongest of the "
                 f"candidates (`min_filters={self.min_filters}`)."
             )
+        return new
+
+    def _decide_features(self, name: str) -> Tensor:
+        """The input features of a Linear layer below the threshold die (never the last one)."""
+        weight = cast(Tensor, self._features.layers[name].weight).detach()
+        new, _ = threshold_round(
+            weight.t(),
+            self._features.masks[name],
+            threshold=self.threshold,
+            norm=self.norm,
+            relative=self.relative,
+            min_filters=1,
+        )
         return new

@@ -219,3 +219,80 @@ class FilterMasks:
     def live(self) -> dict[str, int]:
         """Live filters per layer."""
         return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+
+class FeatureMasks:
+    """Live masks of Linear input features (weight columns) that stay applied.
+
+    ``masks`` maps a Linear layer's name to a bool ``[in_features]`` tensor on the CPU (``True``
+    = live). A dead feature's column of the weight, of its gradient and of every optimizer state
+    tensor shaped like the weight is zero, so the export removes it
+    ([`drop_dead_features`][lightning_sparsity.pruning.features.drop_dead_features]).
+
+    Example::
+
+        >>> fc = nn.Linear(4, 2)
+        >>> masks = FeatureMasks({"fc": fc})
+        >>> masks.update({"fc": torch.tensor([True, False, True, True])})
+        1
+        >>> fc.weight[:, 1].abs().sum().item()
+        0.0
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], masks: dict[str, Tensor] | None = None):
+        self.layers = layers
+        self.masks = {
+            name: torch.ones(cast(Tensor, m.weight).shape[1], dtype=torch.bool)
+            for name, m in layers.items()
+        }
+        self.masks.update(masks or {})
+        self._dead: dict[str, Tensor] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
+
+    def check(self, owner: str) -> None:
+        """Raise unless every mask names a selected Linear layer and has one entry per input."""
+        for name, mask in self.masks.items():
+            layer = self.layers.get(name)
+            if layer is None or mask.shape != (cast(Tensor, layer.weight).shape[1],):
+                raise RuntimeError(
+                    f"`{owner}`: a restored feature mask of {name!r} does not fit the model. "
+                    "HINT: resume into the unpruned model the checkpoint came from, with the same "
+                    "`layers=`."
+                )
+
+    def update(
+        self, masks: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> int:
+        """Replace the masks, kill the newly dead features; returns how many were killed."""
+        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items() if n in self.masks)
+        self.masks = {**self.masks, **masks}
+        self._refresh()
+        self.apply(optimizers)
+        return killed
+
+    @torch.no_grad()
+    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Zero the dead columns of the weights and of their optimizer state."""
+        optimizers = list(optimizers)
+        for name, dead in self._dead.items():
+            weight = cast(Tensor, self.layers[name].weight)
+            weight.index_fill_(1, dead.to(weight.device), 0.0)
+            for optimizer in optimizers:
+                for value in (optimizer.state.get(weight) or {}).values():
+                    if isinstance(value, Tensor) and value.shape == weight.shape:
+                        value.index_fill_(1, dead.to(value.device), 0.0)
+
+    @torch.no_grad()
+    def zero_grads(self) -> None:
+        """Zero the dead columns' gradients (before an optimizer step)."""
+        for name, dead in self._dead.items():
+            grad = cast(Tensor, self.layers[name].weight).grad
+            if grad is not None:
+                grad.index_fill_(1, dead.to(grad.device), 0.0)
+
+    def live(self) -> dict[str, int]:
+        """Live input features per layer."""
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
