@@ -16,7 +16,7 @@ from lightning_sparsity import (
     SparsityBudget,
     SparsityRegularizer,
 )
-from lightning_sparsity.callbacks.budget import schedule
+from lightning_sparsity.pruning.budget import schedule
 
 
 def loader(n: int = 64, seed: int = 0) -> DataLoader:

@@ -15,7 +15,7 @@ from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.callbacks._targeted import TargetedCallback
 from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filter_norms
-from lightning_sparsity.pruning.budget import Sizer, budget_count, plan_cut
+from lightning_sparsity.pruning.budget import Sizer, budget_count, cut_steps, plan_cut, schedule
 from lightning_sparsity.pruning.masks import FilterMasks, build_groups
 from lightning_sparsity.selection import (
     LayerSpec,
@@ -27,34 +27,6 @@ from lightning_sparsity.selection import (
 from lightning_sparsity.validation import check_choice, check_float, check_int, fail
 
 _OWNER = "SparsityBudget"
-
-
-def schedule(dense: int, target: int, progress: float) -> int:
-    """The size due at ``progress`` (0 to 1) of the way: cubic from ``dense`` to ``target``.
-
-    Fast first and gentle at the end (Zhu and Gupta's gradual schedule).
-
-    Example::
-
-        >>> [schedule(1000, 100, k / 4) for k in range(5)]
-        [1000, 480, 212, 114, 100]
-    """
-    t = min(max(progress, 0.0), 1.0)
-    return round(target + (dense - target) * (1 - t) ** 3)
-
-
-def cut_steps(start: float, end: float, steps_per_epoch: int, cuts: int) -> list[int]:
-    """The optimizer steps after which the ``cuts`` cuts happen, the last one at ``end``.
-
-    Evenly spaced from ``start`` to ``end`` epochs of ``steps_per_epoch`` optimizer steps.
-
-    Example::
-
-        >>> cut_steps(0, 0.5, 100, 4), cut_steps(1, 3, 10, 2)
-        ([12, 25, 38, 50], [20, 30])
-    """
-    first, last = start * steps_per_epoch, end * steps_per_epoch
-    return [max(round(first + (last - first) * (i + 1) / cuts), 1) for i in range(cuts)]
 
 
 class SparsityBudget(OrderedCallback):

@@ -95,6 +95,34 @@ def budget_count(value: float | int, dense: int, *, metric: str, owner: str) -> 
     return int(value)
 
 
+def schedule(dense: int, target: int, progress: float) -> int:
+    """The size due at ``progress`` (0 to 1) of the way: cubic from ``dense`` to ``target``.
+
+    Fast first and gentle at the end (Zhu and Gupta's gradual schedule).
+
+    Example::
+
+        >>> [schedule(1000, 100, k / 4) for k in range(5)]
+        [1000, 480, 212, 114, 100]
+    """
+    t = min(max(progress, 0.0), 1.0)
+    return round(target + (dense - target) * (1 - t) ** 3)
+
+
+def cut_steps(start: float, end: float, steps_per_epoch: int, cuts: int) -> list[int]:
+    """The optimizer steps after which the ``cuts`` cuts happen, the last one at ``end``.
+
+    Evenly spaced from ``start`` to ``end`` epochs of ``steps_per_epoch`` optimizer steps.
+
+    Example::
+
+        >>> cut_steps(0, 0.5, 100, 4), cut_steps(1, 3, 10, 2)
+        ([12, 25, 38, 50], [20, 30])
+    """
+    first, last = start * steps_per_epoch, end * steps_per_epoch
+    return [max(round(first + (last - first) * (i + 1) / cuts), 1) for i in range(cuts)]
+
+
 def _relative(values: Tensor, live: Tensor) -> Tensor:
     """``values`` divided by their mean over ``live`` (scale-free across layers)."""
     mean = values[live].mean() if bool(live.any()) else values.new_ones(())
