@@ -57,7 +57,14 @@ def test_main_job_short_options(data_root: Path, tmp_path: Path) -> None:
     pruned = re.search(r"pruned test accuracy: (\d\.\d{4})", stdout)
     assert pruned, stdout
     assert float(pruned.group(1)) == pytest.approx(accuracy, abs=1e-4)
-    assert re.search(r"parameters: 431,080 -> [\d,]+", stdout), stdout
+    size = re.search(r"parameters: 431,080 -> ([\d,]+)", stdout)
+    assert size, stdout
+    # the main job asks for 5% of the parameters: the export is of that size (within 2% below)
+    requested = re.search(r"budget: ([\d,]+) params requested", stdout)
+    assert requested, stdout
+    exported, wanted = (int(m.group(1).replace(",", "")) for m in (size, requested))
+    assert wanted == int(0.05 * 431_080)
+    assert 0.98 * wanted <= exported <= wanted
 
     (log_dir,) = (out / "tensorboard").glob("version_*")
     logged = scalars(log_dir)
