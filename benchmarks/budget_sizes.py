@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -96,15 +97,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "as the export counts them. Target: exported / requested in [0.98, 1].",
         "",
         "| dataset | budget | requested | exported | ratio | met | architecture | test acc | "
-        "load avg |",
+        "load avg (1 min) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        load = r["machine"].get("load_average_at_start", [None])[0]
+        load = r["machine"].get("load_average_at_start", [float("nan")])[0]
         lines.append(
             f"| {r['dataset']} | {r['metric']} {r['fraction']:.0%} | {r['requested']:,} | "
             f"{r['exported']:,} | {r['ratio']:.4f} | {'yes' if r['met'] else 'NO'} | "
-            f"{r['architecture']} | {r['test_accuracy']:.4f} | {load} |"
+            f"{r['architecture']} | {r['test_accuracy']:.4f} | {load:.2f} |"
         )
     met = sum(r["met"] for r in rows)
     lines += ["", f"{met} of {len(rows)} runs met the target."]
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="8 batches per run")
     parser.add_argument("--dataset", action="append", choices=DATASETS)
+    parser.add_argument("--report", action="store_true", help="only rebuild the .md")
     args = parser.parse_args(argv)
+    if args.report:
+        runs = json.loads((args.out / "budget_sizes.json").read_text())["runs"]
+        write_markdown(runs, args.out / "budget_sizes.md")
+        return 0
     for dataset in args.dataset or DATASETS:
         for metric, fraction in BUDGETS:
             record = run(dataset, metric, fraction, args.data_dir, args.quick)
