@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.callbacks._targeted import TargetedCallback
 from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filter_norms
-from lightning_sparsity.pruning.budget import Sizer, budget_count, cut_steps, plan_cut, schedule
-from lightning_sparsity.pruning.masks import FilterMasks, build_groups
+from lightning_sparsity.pruning.budget import (
+    FEATURES,
+    Sizer,
+    budget_count,
+    cut_steps,
+    plan_cut,
+    schedule,
+)
+from lightning_sparsity.pruning.masks import FeatureMasks, FilterMasks, build_groups
 from lightning_sparsity.selection import (
     LayerSpec,
     batch_input,
@@ -24,7 +31,7 @@ from lightning_sparsity.selection import (
     resolve_network,
     select_layers,
 )
-from lightning_sparsity.validation import check_choice, check_float, check_int, fail
+from lightning_sparsity.validation import check_bool, check_choice, check_float, check_int, fail
 
 _OWNER = "SparsityBudget"
 
@@ -66,6 +73,8 @@ class SparsityBudget(OrderedCallback):
         example_inputs: a batch the network takes, for the size; default two samples of the
             first training batch.
         steer: adjust the strength of the regularizers in the Trainer.
+        features: also cut single input features of the selected (non-output) Linear layers, as
+            the published LeNet-5 rows count fc1's inputs; the export removes them one by one.
 
     Raises:
         ValueError: neither or both of ``params`` and ``macs``; a budget of 0, above 1 as a
@@ -107,6 +116,7 @@ class SparsityBudget(OrderedCallback):
         layers: LayerSpec = None,
         example_inputs: Tensor | tuple[Tensor, ...] | None = None,
         steer: bool = True,
+        features: bool = False,
     ) -> None:
         super().__init__()
         if (params is None) == (macs is None):
@@ -151,7 +161,9 @@ class SparsityBudget(OrderedCallback):
         self.size: dict[str, int] = {}
         #: the factor applied to the regularizers' strength
         self.strength_scale = 1.0
+        self.features = check_bool(features, owner=_OWNER, arg="features")
         self._filters = FilterMasks({})
+        self._features = FeatureMasks({})
         self._sizer: Sizer | None = None
         self._example: tuple[Tensor, ...] | None = None
         self._cut_steps: list[int] = []
@@ -159,8 +171,28 @@ class SparsityBudget(OrderedCallback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter."""
-        return self._filters.masks
+        """Layer name -> bool tensor ``[out]`` on the CPU, ``True`` for a live filter.
+
+        With ``features``, also ``"<linear>#in"`` -> ``[in]``, ``True`` for a live input feature.
+        """
+        features = {n + FEATURES: m for n, m in self._features.masks.items()}
+        return {**self._filters.masks, **features}
+
+    def _set_masks(
+        self, masks: dict[str, Tensor], optimizers: list[torch.optim.Optimizer] | None = None
+    ) -> None:
+        filters = {n: m for n, m in masks.items() if not n.endswith(FEATURES)}
+        features = {n.removesuffix(FEATURES): m for n, m in masks.items() if n.endswith(FEATURES)}
+        if optimizers is None:
+            self._filters = FilterMasks(self._filters.groups, filters)
+            self._features = FeatureMasks(self._features.layers, features)
+        else:
+            self._filters.update(filters, optimizers)
+            self._features.update(features, optimizers)
+
+    def _apply(self, trainer: pl.Trainer) -> None:
+        self._filters.apply(trainer.optimizers)
+        self._features.apply(trainer.optimizers)
 
     @property
     def state_key(self) -> str:
@@ -196,7 +228,12 @@ class SparsityBudget(OrderedCallback):
             for layer in select_layers(network, self.layers, owner=_OWNER)
             if not layer.is_output
         ]
-        self._filters = FilterMasks(build_groups(network, names, _OWNER), self.masks)
+        restored = self.masks
+        self._filters = FilterMasks(build_groups(network, names, _OWNER))
+        if self.features:
+            linears = [n for n in names if isinstance(network.get_submodule(n), nn.Linear)]
+            self._features = FeatureMasks({n: network.get_submodule(n) for n in linears})
+        self._set_masks(restored)
         if self.example_inputs is not None:
             inputs = self.example_inputs
             self._example = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -216,7 +253,7 @@ class SparsityBudget(OrderedCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         masks = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in state_dict["masks"].items()}
-        self._filters = FilterMasks(self._filters.groups, masks)
+        self._set_masks(masks)
         self.dense, self.target = state_dict.get("dense"), state_dict.get("target")
         self.size = dict(state_dict.get("size") or {})
         self.strength_scale = float(state_dict.get("strength_scale", 1.0))
@@ -284,13 +321,15 @@ class SparsityBudget(OrderedCallback):
             )
         self._cut_steps = cut_steps(self.start_epoch, self.by_epoch, steps, self.cuts)
         self._filters.check(_OWNER)
-        self._filters.apply(trainer.optimizers)
+        self._features.check(_OWNER)
+        self._apply(trainer)
         self._steer(trainer, self.strength_scale)
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._filters.zero_grads()
+        self._features.zero_grads()
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
@@ -299,7 +338,7 @@ class SparsityBudget(OrderedCallback):
         if step in self._cut_steps and step != self._cut_at:
             self._cut_at = step
             self._cut(trainer, (self._cut_steps.index(step) + 1) / len(self._cut_steps))
-        self._filters.apply(trainer.optimizers)
+        self._apply(trainer)
 
     def _cut(self, trainer: pl.Trainer, progress: float) -> None:
         """Cut to the size the schedule gives at ``progress`` (0 to 1) of the way."""
@@ -310,6 +349,9 @@ class SparsityBudget(OrderedCallback):
         scores = {
             n: filter_norms(g.weight, self.criterion).cpu() for n, g in self._filters.groups.items()
         }
+        for n, layer in self._features.layers.items():  # input features: the weight's columns
+            weight = cast(Tensor, layer.weight).detach()
+            scores[n + FEATURES] = filter_norms(weight.t(), self.criterion).cpu()
         masks, size = self.masks, self.size
         if trainer.is_global_zero:
             masks, size = plan_cut(
@@ -322,8 +364,9 @@ class SparsityBudget(OrderedCallback):
                 round_to=self.round_to,
             )
         masks, size = trainer.strategy.broadcast((masks, size), src=0)
-        killed = {n: self.masks[n] & ~m for n, m in masks.items()}
-        self._filters.update(masks, trainer.optimizers)
+        before = self.masks
+        killed = {n: before[n] & ~m for n, m in masks.items()}
+        self._set_masks(masks, trainer.optimizers)
         self.size = size
         self._adapt(trainer, scores, killed)
         metrics = {
@@ -336,6 +379,7 @@ class SparsityBudget(OrderedCallback):
         rank_zero_info(
             f"`{_OWNER}` step {trainer.global_step}: {self.metric} {size[self.metric]:,} "
             f"(due {due:,}, budget {self.target:,}); live {self._filters.live()}"
+            + (f", inputs {self._features.live()}" if self._features.layers else "")
         )
 
     def _adapt(
@@ -363,4 +407,4 @@ class SparsityBudget(OrderedCallback):
                     cb.rescale(scale, trainer)
 
     def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._filters.apply(trainer.optimizers)
+        self._apply(trainer)

@@ -23,13 +23,16 @@ from lightning_sparsity.validation import fail
 
 #: What a budget counts.
 Metric = Literal["params", "macs"]
+#: The suffix of a mask over a Linear layer's input features (``"fc1#in"``), not its filters.
+FEATURES = "#in"
 
 
 class Sizer:
     """The exported size of ``model`` with some filters dead, measured on ``example_inputs``.
 
     Each measurement prunes a copy (the model is never changed). ``groups`` name the layers whose
-    filters may die, with the BatchNorm after each (as the thresholding finds them).
+    filters may die, with the BatchNorm after each (as the thresholding finds them); a mask named
+    ``"<linear>#in"`` covers that Linear layer's input features (its weight's columns).
     """
 
     def __init__(
@@ -61,6 +64,10 @@ class Sizer:
             dead = (~mask).nonzero().flatten()
             if dead.numel():
                 any_dead = True
+                if name.endswith(FEATURES):  # a Linear layer's input features (columns)
+                    weight = modules[name.removesuffix(FEATURES)].weight
+                    weight.index_fill_(1, dead.to(weight.device), 0.0)  # type: ignore[operator]
+                    continue
                 bn = modules[self._bns[name]] if name in self._bns else None
                 zero_filters(FilterGroup(name, modules[name], bn), dead)
         if any_dead:
