@@ -31,7 +31,14 @@ from lightning_sparsity.selection import (
     resolve_network,
     select_layers,
 )
-from lightning_sparsity.validation import check_bool, check_choice, check_float, check_int, fail
+from lightning_sparsity.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    describe,
+    fail,
+)
 
 _OWNER = "SparsityBudget"
 
@@ -198,7 +205,10 @@ class SparsityBudget(OrderedCallback):
     def state_key(self) -> str:
         """One state per metric, budget, schedule and layers."""
         return self._generate_state_key(
-            metric=self.metric, budget=self.budget, by_epoch=self.by_epoch, layers=self.layers
+            metric=self.metric,
+            budget=self.budget,
+            by_epoch=self.by_epoch,
+            layers=describe(self.layers),
         )
 
     # ------------------------------------------------------------------ setup and state

@@ -149,7 +149,38 @@ def kill_filters(
         zero_filters(groups[name], torch.as_tensor(idx, dtype=torch.long).flatten())
 
 
-class FilterMasks:
+class _Masks:
+    """Persistent bool masks per layer (``True`` = live): the bookkeeping both kinds share."""
+
+    def __init__(self, widths: dict[str, int], masks: dict[str, Tensor] | None) -> None:
+        self.masks = {name: torch.ones(n, dtype=torch.bool) for name, n in widths.items()}
+        self.masks.update(masks or {})
+        self._dead: dict[str, Tensor] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
+
+    def update(
+        self, masks: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> int:
+        """Replace the masks, kill the newly dead units; returns how many were killed."""
+        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items() if n in self.masks)
+        self.masks = {**self.masks, **masks}
+        self._refresh()
+        self.apply(optimizers)
+        return killed
+
+    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Zero the dead units and their optimizer state."""
+        raise NotImplementedError
+
+    def live(self) -> dict[str, int]:
+        """Live units per layer."""
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+
+class FilterMasks(_Masks):
     """Live masks of filter groups that stay applied: dead filters, gradients and optimizer state.
 
     ``masks`` maps a layer name to a bool ``[out]`` tensor on the CPU (``True`` = live). A layer
@@ -167,15 +198,7 @@ class FilterMasks:
 
     def __init__(self, groups: dict[str, FilterGroup], masks: dict[str, Tensor] | None = None):
         self.groups = groups
-        self.masks = {
-            name: torch.ones(g.out_features, dtype=torch.bool) for name, g in groups.items()
-        }
-        self.masks.update(masks or {})
-        self._dead: dict[str, Tensor] = {}
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
+        super().__init__({name: g.out_features for name, g in groups.items()}, masks)
 
     def check(self, owner: str) -> None:
         """Raise unless every mask names a grouped layer and has one entry per filter."""
@@ -194,16 +217,6 @@ class FilterMasks:
                     "model the checkpoint came from."
                 )
 
-    def update(
-        self, masks: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
-    ) -> int:
-        """Replace the masks, kill the newly dead filters; returns how many were killed."""
-        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items() if n in self.masks)
-        self.masks = {**self.masks, **masks}
-        self._refresh()
-        self.apply(optimizers)
-        return killed
-
     def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero the dead filters (`zero_filters`) and their optimizer state."""
         optimizers = list(optimizers)
@@ -216,12 +229,8 @@ class FilterMasks:
         for name, dead in self._dead.items():
             zero_grads(self.groups[name], dead)
 
-    def live(self) -> dict[str, int]:
-        """Live filters per layer."""
-        return {name: int(mask.sum()) for name, mask in self.masks.items()}
 
-
-class FeatureMasks:
+class FeatureMasks(_Masks):
     """Live masks of Linear input features (weight columns) that stay applied.
 
     ``masks`` maps a Linear layer's name to a bool ``[in_features]`` tensor on the CPU (``True``
@@ -241,16 +250,7 @@ class FeatureMasks:
 
     def __init__(self, layers: dict[str, nn.Module], masks: dict[str, Tensor] | None = None):
         self.layers = layers
-        self.masks = {
-            name: torch.ones(cast(Tensor, m.weight).shape[1], dtype=torch.bool)
-            for name, m in layers.items()
-        }
-        self.masks.update(masks or {})
-        self._dead: dict[str, Tensor] = {}
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._dead = {n: (~m).nonzero().flatten() for n, m in self.masks.items() if not m.all()}
+        super().__init__({n: cast(Tensor, m.weight).shape[1] for n, m in layers.items()}, masks)
 
     def check(self, owner: str) -> None:
         """Raise unless every mask names a selected Linear layer and has one entry per input."""
@@ -262,16 +262,6 @@ class FeatureMasks:
                     "HINT: resume into the unpruned model the checkpoint came from, with the same "
                     "`layers=`."
                 )
-
-    def update(
-        self, masks: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
-    ) -> int:
-        """Replace the masks, kill the newly dead features; returns how many were killed."""
-        killed = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items() if n in self.masks)
-        self.masks = {**self.masks, **masks}
-        self._refresh()
-        self.apply(optimizers)
-        return killed
 
     @torch.no_grad()
     def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
@@ -292,7 +282,3 @@ class FeatureMasks:
             grad = cast(Tensor, self.layers[name].weight).grad
             if grad is not None:
                 grad.index_fill_(1, dead.to(grad.device), 0.0)
-
-    def live(self) -> dict[str, int]:
-        """Live input features per layer."""
-        return {name: int(mask.sum()) for name, mask in self.masks.items()}

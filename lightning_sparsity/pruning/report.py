@@ -19,7 +19,6 @@ e.g. VGG-16 on CIFAR: 14,982,474).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -273,19 +272,18 @@ def pruned_size(
     That is what [`prune_model`][lightning_sparsity.prune_model] would give; ``model`` is not
     changed.
 
-    A copy has those filters killed
-    ([`kill_filters`][lightning_sparsity.pruning.masks.kill_filters]) and
-    is pruned without the equivalence check, then counted like
-    [`size_report`][lightning_sparsity.size_report].
+    A copy has those filters killed (with the BatchNorm after each) and is pruned without the
+    equivalence check, then counted like [`size_report`][lightning_sparsity.size_report]: the
+    measurement of [`Sizer`][lightning_sparsity.pruning.budget.Sizer].
     """
-    from lightning_sparsity.pruning.export import prune_model
-    from lightning_sparsity.pruning.masks import kill_filters
+    from lightning_sparsity.pruning.budget import Sizer
+    from lightning_sparsity.pruning.masks import build_groups
 
-    trainer = getattr(model, "_trainer", None)  # a LightningModule's Trainer is not copied
-    clone = copy.deepcopy(model, {id(trainer): trainer} if trainer is not None else {}).eval()
     dead = {name: idx for name, idx in dead.items() if idx.numel()}
-    if not dead:  # nothing dead: the model is its own pruned version
-        return count_params(clone), count_macs(clone, example_inputs)[0]
-    kill_filters(clone, dead, owner="SparsityMonitor")
-    pruned = prune_model(clone, example_inputs, verify=False, allow_unchanged=True)
-    return count_params(pruned), count_macs(pruned, example_inputs)[0]
+    groups = build_groups(model, list(dead), owner="SparsityMonitor") if dead else {}
+    masks = {}
+    for name, group in groups.items():
+        masks[name] = torch.ones(group.out_features, dtype=torch.bool)
+        masks[name][dead[name].cpu()] = False
+    size = Sizer(model, groups, example_inputs).size(masks)
+    return size["params"], size["macs"]
