@@ -190,3 +190,30 @@ def test_export_fails_at_the_first_batch_when_nothing_can_be_pruned(tmp_path: Pa
     with pytest.raises(ValueError, match=r"at least one Conv/Linear layer whose output channels"):
         trainer.fit(Opaque())
     assert not seen  # before any batch trained
+
+
+def test_export_fails_at_the_first_batch_when_the_analysis_keeps_everything(
+    tmp_path: Path,
+) -> None:
+    class Branchy(nn.Module):  # data-dependent control flow in the top-level forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 1, 3, 3))
+            self.fc = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                x = -x
+            return self.fc(nn.functional.conv2d(x, self.weight).flatten(1))
+
+    class Opaque(Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(Branchy(), nn.Linear(3, 3))
+
+    trainer = make_trainer(tmp_path, [PrunedExport(dirpath=tmp_path / "out")])
+    with pytest.raises(
+        ValueError, match=r"every one inside a part kept whole \(`0`: torch.fx cannot trace it\)"
+    ):
+        trainer.fit(Opaque())
+    assert trainer.global_step == 0  # before any optimizer step

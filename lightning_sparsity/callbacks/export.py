@@ -180,23 +180,31 @@ class PrunedExport(OrderedCallback):
     def _check_prunable(self, pl_module: pl.LightningModule) -> None:
         """At the first batch, fail now rather than after training on a network it cannot prune.
 
-        That is a network that cannot be analysed, or that has no Conv/Linear layer but the output
-        layer (nothing could be pruned).
+        That is a network whose every Conv/Linear layer but the output layer lies in a part the
+        analysis cannot capture (kept whole), or that has no such layer at all.
         """
         from lightning_sparsity.pruning.export import plan_pruning
 
         network = pl_module.get_submodule(self._network_name(pl_module))
-        plan_pruning(network, self._example(pl_module))  # raises TraceError when untraceable
-        if not self.allow_unchanged and all(layer.is_output for layer in select_layers(network)):
-            fail(
-                _OWNER,
-                "allow_unchanged",
-                False,
-                "a network with at least one Conv/Linear layer whose output channels the "
-                "export can remove (the output layer's are the model's outputs)",
-                got="none",
-                hint="pass `allow_unchanged=True` to export the network unchanged.",
-            )
+        plan = plan_pruning(network, self._example(pl_module))  # TraceError: nothing captured
+        names = [layer.name for layer in select_layers(network) if not layer.is_output]
+
+        def whole(name: str) -> bool:
+            return any(o == "" or name == o or name.startswith(o + ".") for o in plan.opaque)
+
+        if self.allow_unchanged or not all(whole(name) for name in names):
+            return
+        why = "; ".join(f"`{o or type(network).__name__}`: {r}" for o, r in plan.opaque.items())
+        fail(
+            _OWNER,
+            "allow_unchanged",
+            False,
+            "a network with at least one Conv/Linear layer whose output channels the export "
+            "can remove (the output layer's are the model's outputs)",
+            got="none" if not names else f"every one inside a part kept whole ({why})",
+            hint="make that forward traceable by torch.fx (move data-dependent branches into a "
+            "submodule), or pass `allow_unchanged=True` to export the network unchanged.",
+        )
 
     def _capture(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._captured is not None or self.example_inputs is not None:
