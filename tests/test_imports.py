@@ -79,3 +79,12 @@ def test_only_data_module_names_torchvision_in_source() -> None:
             if any(name.split(".")[0] == "torchvision" for name in names):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert offenders == []
+
+
+def test_license_and_typing_marker_ship_with_the_package() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert "Apache License" in (root / "LICENSE").read_text()
+    assert (root / "lightning_sparsity" / "py.typed").is_file()
+    assert 'lightning_sparsity = ["py.typed"]' in (root / "pyproject.toml").read_text()
