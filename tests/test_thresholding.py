@@ -278,6 +278,27 @@ def test_min_filters_spares_the_threshold_candidates_of_largest_norm(tmp_path: P
     assert cb.masks["conv1"].tolist() == [True, False, True, True]
 
 
+@pytest.mark.parametrize(
+    ("round_to", "expected"), [(1, [0, 0, 0, 1]), (2, [1, 0, 0, 1]), (3, [1, 0, 1, 1])]
+)
+def test_round_to_spares_the_strongest_candidates_up_to_a_multiple(
+    tmp_path: Path, round_to: int, expected: list[int]
+) -> None:
+    """Norms [0.3, 0.1, 0.2, 5.0], threshold 1.0: three candidates, one survivor; rounding to a
+    multiple of 2 spares the strongest candidate (0.3), to 3 the two strongest.
+    """
+    model = Tiny()
+    set_norms(model.model.conv1, [0.3, 0.1, 0.2, 5.0])
+    cb = FilterThresholding(threshold=1.0, round_to=round_to, layers=["conv1"])
+    make_trainer(tmp_path, [cb]).fit(model)
+    assert cb.masks["conv1"].int().tolist() == expected
+
+
+def test_round_to_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"`FilterThresholding\(round_to=0\)`: expected `round_to` >= 1"):
+        FilterThresholding(threshold=1.0, round_to=0)
+
+
 def test_state_dict_round_trip_is_plain_data(tmp_path: Path) -> None:
     model = Tiny()
     set_norms(model.model.conv1, [0.01, 5.0, 0.05, 2.0])

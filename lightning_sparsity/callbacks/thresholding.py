@@ -66,6 +66,9 @@ class FilterThresholding(OrderedCallback):
         min_filters: never leave a layer with fewer live filters (>= 1): a rule stops killing
             there, sparing its strongest candidates, with a warning.
         max_rounds: stop after this many rounds (``None``: no limit).
+        round_to: keep a multiple of this many filters per layer (or all that were live): a
+            round spares its strongest candidates up to the next multiple, for hardware that
+            wants widths in multiples of N.
         layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]); the output
             layer is always skipped.
         features: also kill the input features (weight columns) of the selected Linear layers,
@@ -118,6 +121,7 @@ class FilterThresholding(OrderedCallback):
         max_rounds: int | None = None,
         layers: LayerSpec = None,
         features: bool = False,
+        round_to: int = 1,
     ) -> None:
         self.threshold = threshold
         self.norm = norm
@@ -131,6 +135,7 @@ class FilterThresholding(OrderedCallback):
         self.max_rounds = max_rounds
         self.layers = layers
         self.features = check_bool(features, owner=_OWNER, arg="features")
+        self.round_to = check_int(round_to, owner=_OWNER, arg="round_to", low=1)
         self._validate()
         super().__init__()
         self.rounds = 0
@@ -305,6 +310,7 @@ class FilterThresholding(OrderedCallback):
             fraction=self.fraction,
             cap=self.cap,
             min_filters=self.min_filters,
+            round_to=self.round_to,
         )
         if wanted < min(self.min_filters, int(mask.sum())):
             rank_zero_warn(

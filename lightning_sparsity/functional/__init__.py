@@ -55,6 +55,7 @@ from lightning_sparsity.functional.scores import (
     filter_norms,
     filter_scores,
     kill_weakest,
+    spare_to_multiple,
     l1_capped_l1_significance,
     threshold_round,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "group_view",
     "hard_threshold",
     "kill_weakest",
+    "spare_to_multiple",
     "l1",
     "l1_capped_l1_significance",
     "l1_l2",

@@ -305,6 +305,7 @@ def threshold_round(
     fraction: float | None = None,
     cap: float | None = None,
     min_filters: int = 1,
+    round_to: int = 1,
 ) -> tuple[Tensor, int]:
     """One thresholding round on a layer: the new live mask, and how many filters it wanted alive.
 
@@ -316,7 +317,10 @@ def threshold_round(
        norm when ``relative``), and all-zero filters at any threshold (0 included);
     2. with ``criterion`` and ``fraction``: ``floor(fraction * live)`` more of the live filters,
        the lowest [`filter_scores`][lightning_sparsity.functional.scores.filter_scores] first (ties:
-       lowest index).
+       lowest index);
+    3. with ``round_to > 1``: the strongest (by ``norm``) of this round's candidates are spared
+       until the live count is a multiple of ``round_to`` (or every filter that was live), for
+       hardware that wants widths in multiples of N; the round never kills fewer than that.
 
     Returns:
         ``(mask, wanted)``: the bool ``[out]`` live mask (CPU) and the live count the rules asked
@@ -330,6 +334,8 @@ def threshold_round(
         (tensor([False,  True,  True, False]), 2)
         >>> threshold_round(w, live, threshold=1e-3, criterion="l2", fraction=0.5)
         (tensor([False,  True, False, False]), 1)
+        >>> threshold_round(w, live, threshold=1e-3, criterion="l2", fraction=0.5, round_to=2)
+        (tensor([False,  True,  True, False]), 1)
     """
     weight = weight.detach().float()
     norms = filter_norms(weight, norm).cpu()
@@ -349,4 +355,28 @@ def threshold_round(
         lowest[alive[order[:n_kill]]] = True
         wanted -= n_kill
         new = kill_weakest(new, lowest, scores, floor)
+    if round_to > 1:
+        new = spare_to_multiple(new, live, norms, round_to)
     return new, wanted
+
+
+def spare_to_multiple(new: Tensor, live: Tensor, norms: Tensor, round_to: int) -> Tensor:
+    """Revive the strongest of the candidates (``live`` but not ``new``) until ``new`` keeps a
+    multiple of ``round_to`` filters, or all of ``live``.
+
+    Example::
+
+        >>> live = torch.ones(5, dtype=torch.bool)
+        >>> new = torch.tensor([True, False, False, False, True])
+        >>> spare_to_multiple(new, live, torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0]), 4)
+        tensor([ True, False,  True,  True,  True])
+    """
+    kept, limit = int(new.sum()), int(live.sum())
+    target = min(limit, -(-kept // round_to) * round_to)
+    if target <= kept:
+        return new
+    spare = (live & ~new).nonzero().flatten()
+    order = torch.argsort(norms[spare], descending=True, stable=True)
+    new = new.clone()
+    new[spare[order[: target - kept]]] = True
+    return new
