@@ -104,3 +104,50 @@ def test_thresholding_kills_single_input_features_that_the_export_removes(tmp_pa
     pruned_fc1 = torch.load(export.paths["pt"], weights_only=True)["state_dict"]
     assert pruned_fc1["classifier.1.kept_features"].numel() == 799
     assert export.report.architecture().split("-")[2] == "799"
+
+
+def test_a_regularizer_on_linear_columns_empties_features_the_export_removes(
+    tmp_path: Path,
+) -> None:
+    """Proximal group L1 on fc1's input columns (granularity "channel") sets the weak columns
+    (every third, scaled by 0.01: single positions, not whole conv2 channels) to exactly zero,
+    and only those; the thresholding kills them at threshold 0 after the first epoch, and the
+    export drops them one by one (its first-batch and final checks compare outputs).
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sparsity import (
+        ClassificationModule,
+        FilterThresholding,
+        ProximalSparsity,
+        PrunedExport,
+    )
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    module = ClassificationModule("lenet5", optimizer="sgd", lr=0.05)
+    with torch.no_grad():
+        module.model.get_submodule("classifier.1").weight[:, ::3] *= 0.01
+    proximal = ProximalSparsity(
+        penalty="l1", strength=0.3, granularity="channel", layers=["classifier.1"]
+    )
+    thresholding = FilterThresholding(
+        threshold=0.0, features=True, layers=["classifier.1"], max_rounds=1
+    )
+    export = PrunedExport(dirpath=tmp_path, formats=("pt",))
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[proximal, thresholding, export],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    expected = torch.ones(800, dtype=torch.bool)
+    expected[::3] = False
+    assert torch.equal(thresholding.feature_masks["classifier.1"], expected)
+    assert export.report.architecture() == "20-50-533-500"
+    state = torch.load(export.paths["pt"], weights_only=True)["state_dict"]
+    assert state["classifier.1.kept_features"].tolist() == expected.nonzero().flatten().tolist()
