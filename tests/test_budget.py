@@ -137,3 +137,56 @@ def test_budget_cuts_single_linear_inputs(tmp_path: Path) -> None:
     # fc1 reads what the feature mask kept of the live conv2 channels' positions
     conv2 = budget.masks["features.3"].repeat_interleave(16)
     assert int(report.architecture().split("-")[2]) == int((inputs & conv2).sum())
+
+
+def test_comparable_scores_rank_by_cost_per_saving_across_layers() -> None:
+    """Loss estimates in the same units everywhere: a step's priority is its summed score per
+    relative saving. Savings 10 and 100 (mean 55): b's first filter (0.5 / (100/55) = 0.275)
+    goes first, then a's three (5.5, 11, 16.5), then b's (22 each); the floor keeps one each.
+    """
+    from lightning_sparsity.pruning.budget import _ranked
+
+    masks = {"a": torch.ones(4, dtype=torch.bool), "b": torch.ones(4, dtype=torch.bool)}
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([40.0, 0.5, 40.0, 40.0])}
+    savings = {"a": (1, 10.0), "b": (1, 100.0)}
+    steps = _ranked(masks, scores, savings, 1, 1, 1.0, comparable=True)
+    assert [(name, idx.tolist()) for name, idx in steps] == [
+        ("b", [1]),
+        ("a", [0]),
+        ("a", [1]),
+        ("a", [2]),
+        ("b", [0]),
+        ("b", [2]),
+    ]
+    # scaled a thousandfold, a's cuts cost more than all of b's; norms relative to their layer
+    # (the default) do not see the scale
+    scaled = {"a": scores["a"] * 1000, "b": scores["b"]}
+    ranked = _ranked(masks, scaled, savings, 1, 1, 1.0, comparable=True)
+    assert [name for name, _ in ranked] == ["b", "b", "b", "a", "a", "a"]
+    plain = [(n, i.tolist()) for n, i in _ranked(masks, scores, savings, 1, 1, 1.0)]
+    assert plain == [(n, i.tolist()) for n, i in _ranked(masks, scaled, savings, 1, 1, 1.0)]
+
+
+def test_taylor_criterion_ranks_filters_and_features_by_estimated_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_sparsity.callbacks.budget as budget_module
+
+    calls: list[tuple[bool, set[str]]] = []
+    real = budget_module.plan_cut
+
+    def spy(sizer: Any, masks: Any, scores: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((kwargs["comparable"], set(scores)))
+        return real(sizer, masks, scores, *args, **kwargs)
+
+    monkeypatch.setattr(budget_module, "plan_cut", spy)
+    budget = SparsityBudget(params=2400, by_epoch=2, features=True, criterion="taylor")
+    export = PrunedExport(dirpath=tmp_path / "out", formats=("pt",))
+    fit(tmp_path, [budget, export])
+    assert len(calls) == budget.cuts == 4
+    assert all(comparable for comparable, _ in calls)
+    assert calls[0][1] == {"features.0", "features.3", "classifier.1", "classifier.1#in"}
+    assert budget._taylor == {}  # reset at each cut, not accumulated after the last one
+    assert 0.95 * 2400 <= export.report.params_after <= 2400
+    with pytest.raises(ValueError, match=r"`SparsityBudget\(criterion='fisher'\)`"):
+        SparsityBudget(params=0.1, criterion="fisher")  # type: ignore[arg-type]

@@ -295,7 +295,9 @@ def test_round_to_spares_the_strongest_candidates_up_to_a_multiple(
 
 
 def test_round_to_below_one_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`FilterThresholding\(round_to=0\)`: expected `round_to` >= 1"):
+    with pytest.raises(
+        ValueError, match=r"`FilterThresholding\(round_to=0\)`: expected `round_to` >= 1"
+    ):
         FilterThresholding(threshold=1.0, round_to=0)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ from lightning_sparsity.functional.scores import FILTER_NORMS, FilterNorm, filte
 from lightning_sparsity.pruning.budget import (
     FEATURES,
     Sizer,
+    accumulate_taylor_,
     budget_count,
     cut_steps,
     plan_cut,
@@ -74,7 +75,11 @@ class SparsityBudget(OrderedCallback):
         cuts: the number of cuts; default one per epoch of the schedule, at least 4.
         min_filters: never leave a layer with fewer live filters.
         round_to: keep a multiple of this many filters per layer (or its full width).
-        criterion: the filter norm that ranks filters within a layer.
+        criterion: what ranks the filters: a filter norm (``"l2"``, ``"l1"``, ``"mean_abs"``),
+            relative to its layer's mean and weighted by the layer's width; or ``"taylor"``, the
+            loss a cut would cost by first-order Taylor estimates summed over the steps since the
+            last cut (Molchanov et al. 2019), the same units in every layer and for single
+            input features, at the cost of one pass over the selected weights per step.
         layers: which layers (see [`select_layers`][lightning_sparsity.select_layers]); the output
             layer is always skipped.
         example_inputs: a batch the network takes, for the size; default two samples of the
@@ -119,7 +124,7 @@ class SparsityBudget(OrderedCallback):
         cuts: int | None = None,
         min_filters: int = 1,
         round_to: int = 1,
-        criterion: FilterNorm = "l2",
+        criterion: FilterNorm | Literal["taylor"] = "l2",
         layers: LayerSpec = None,
         example_inputs: Tensor | tuple[Tensor, ...] | None = None,
         steer: bool = True,
@@ -157,8 +162,8 @@ class SparsityBudget(OrderedCallback):
         )
         self.min_filters = check_int(min_filters, owner=_OWNER, arg="min_filters", low=1)
         self.round_to = check_int(round_to, owner=_OWNER, arg="round_to", low=1)
-        check_choice(criterion, FILTER_NORMS, owner=_OWNER, arg="criterion")
-        self.criterion: FilterNorm = criterion
+        check_choice(criterion, (*FILTER_NORMS, "taylor"), owner=_OWNER, arg="criterion")
+        self.criterion = criterion
         self.layers = layers
         self.example_inputs = example_inputs
         self.steer = steer
@@ -175,6 +180,8 @@ class SparsityBudget(OrderedCallback):
         self._example: tuple[Tensor, ...] | None = None
         self._cut_steps: list[int] = []
         self._cut_at = -1
+        #: with ``criterion="taylor"``: the importance summed since the last cut, per group
+        self._taylor: dict[str, Tensor] = {}
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -258,6 +265,7 @@ class SparsityBudget(OrderedCallback):
             "size": dict(self.size),
             "strength_scale": self.strength_scale,
             "example": None if self._example is None else list(self._example),
+            "taylor": {n: t.cpu() for n, t in self._taylor.items()},
         }
 
     @override
@@ -269,6 +277,7 @@ class SparsityBudget(OrderedCallback):
         self.strength_scale = float(state_dict.get("strength_scale", 1.0))
         example = state_dict.get("example")
         self._example = tuple(example) if example is not None else self._example
+        self._taylor = dict(state_dict.get("taylor") or {})
 
     def _start(self, pl_module: pl.LightningModule) -> None:
         """Measure the dense size and check that the budget is reachable (before any step)."""
@@ -340,6 +349,9 @@ class SparsityBudget(OrderedCallback):
     ) -> None:
         self._filters.zero_grads()
         self._features.zero_grads()
+        last = self._cut_steps[-1] if self._cut_steps else -1
+        if self.criterion == "taylor" and trainer.global_step < last:
+            accumulate_taylor_(self._taylor, self._filters.groups, self._features.layers)
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
@@ -356,23 +368,26 @@ class SparsityBudget(OrderedCallback):
         assert self.dense is not None
         assert self.target is not None
         due = schedule(self.dense, self.target, progress)
-        scores = {
-            n: filter_norms(g.weight, self.criterion).cpu() for n, g in self._filters.groups.items()
-        }
+        norm = "l2" if self.criterion == "taylor" else self.criterion
+        scores = {n: filter_norms(g.weight, norm).cpu() for n, g in self._filters.groups.items()}
         for n, layer in self._features.layers.items():  # input features: the weight's columns
             weight = cast(Tensor, layer.weight).detach()
-            scores[n + FEATURES] = filter_norms(weight.t(), self.criterion).cpu()
+            scores[n + FEATURES] = filter_norms(weight.t(), norm).cpu()
+        taylor = {n: t.cpu() for n, t in self._taylor.items()}
+        comparable = self.criterion == "taylor" and taylor.keys() >= scores.keys()
         masks, size = self.masks, self.size
         if trainer.is_global_zero:
             masks, size = plan_cut(
                 self._sizer,
                 self.masks,
-                scores,
+                taylor if comparable else scores,
                 due,
                 self.metric,  # type: ignore[arg-type]
                 min_filters=self.min_filters,
                 round_to=self.round_to,
+                comparable=comparable,
             )
+        self._taylor = {}
         masks, size = trainer.strategy.broadcast((masks, size), src=0)
         before = self.masks
         killed = {n: before[n] & ~m for n, m in masks.items()}

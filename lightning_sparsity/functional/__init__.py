@@ -55,8 +55,8 @@ from lightning_sparsity.functional.scores import (
     filter_norms,
     filter_scores,
     kill_weakest,
-    spare_to_multiple,
     l1_capped_l1_significance,
+    spare_to_multiple,
     threshold_round,
 )
 from lightning_sparsity.functional.splitting import (
@@ -95,7 +95,6 @@ __all__ = [
     "group_view",
     "hard_threshold",
     "kill_weakest",
-    "spare_to_multiple",
     "l1",
     "l1_capped_l1_significance",
     "l1_l2",
@@ -105,6 +104,7 @@ __all__ = [
     "proximal_step_",
     "reduce_dims",
     "soft_threshold",
+    "spare_to_multiple",
     "sparse_copy_",
     "splitting_grads_",
     "splitting_threshold",

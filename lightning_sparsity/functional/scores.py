@@ -361,8 +361,9 @@ def threshold_round(
 
 
 def spare_to_multiple(new: Tensor, live: Tensor, norms: Tensor, round_to: int) -> Tensor:
-    """Revive the strongest of the candidates (``live`` but not ``new``) until ``new`` keeps a
-    multiple of ``round_to`` filters, or all of ``live``.
+    """Spare the strongest candidates until a multiple of ``round_to`` filters is kept.
+
+    The candidates are ``live`` but not ``new``; ``new`` never keeps more than all of ``live``.
 
     Example::
 

@@ -130,6 +130,51 @@ def cut_steps(start: float, end: float, steps_per_epoch: int, cuts: int) -> list
     return [max(round(first + (last - first) * (i + 1) / cuts), 1) for i in range(cuts)]
 
 
+@torch.no_grad()
+def accumulate_taylor_(
+    acc: dict[str, Tensor],
+    groups: Mapping[str, FilterGroup],
+    feature_layers: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Tensor]:
+    """Add this step's first-order Taylor importance of every filter and input feature to ``acc``.
+
+    Removing a group ``s`` changes the loss by about ``sum_{i in s} w_i g_i`` (Molchanov et al.
+    2019): its square, summed over steps, estimates the loss a cut costs, in the same units for
+    every layer, so a filter of ``conv1`` and an input feature of ``fc1`` compare directly. A
+    filter's group is its weight row, bias and BatchNorm scale and shift; an input feature's is
+    its weight column. Parameters without a gradient are skipped.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> layer.weight.grad = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+        >>> acc = accumulate_taylor_({}, {"l": FilterGroup("l", layer, None)}, {"l": layer})
+        >>> acc["l"], acc["l#in"]  # rows: (1+2)^2, (0-4)^2; columns: (1+0)^2, (2-4)^2
+        (tensor([ 9., 16.]), tensor([1., 4.]))
+    """
+    for name, group in groups.items():
+        total = None
+        for param in group.params():
+            if param.grad is None:
+                continue
+            term = (param * param.grad).reshape(param.shape[0], -1).sum(1).float()
+            total = term if total is None else total + term
+        if total is not None:
+            acc[name] = (
+                acc[name].to(total.device) + total.square() if name in acc else total.square()
+            )
+    for name, layer in (feature_layers or {}).items():
+        weight = layer.weight
+        if not isinstance(weight, Tensor) or weight.grad is None:
+            continue
+        term = (weight * weight.grad).sum(0).float().square()
+        key = name + FEATURES
+        acc[key] = acc[key].to(term.device) + term if key in acc else term
+    return acc
+
+
 def _relative(values: Tensor, live: Tensor) -> Tensor:
     """``values`` divided by their mean over ``live`` (scale-free across layers)."""
     mean = values[live].mean() if bool(live.any()) else values.new_ones(())
@@ -176,12 +221,14 @@ def _ranked(
     floor: int,
     round_to: int,
     cost_weight: float,
+    comparable: bool = False,
 ) -> list[tuple[str, Tensor]]:
     """Every killable step, lowest priority first: ``(layer, filters)``.
 
     A step's priority is its filters' mean score relative to the layer's live mean, divided by the
-    layer's live filters (the share of its capacity) and by its measured saving relative to the
-    mean saving raised to ``cost_weight``.
+    layer's live filters (the share of its capacity), or with ``comparable`` scores (the same
+    units in every layer, such as a loss estimate) the sum of its filters' scores; divided by its
+    measured saving relative to the mean saving raised to ``cost_weight``.
     """
     mean = sum(s for _, s in savings.values()) / max(len(savings), 1)
     steps = []
@@ -194,7 +241,10 @@ def _ranked(
         start, n = 0, live.numel()
         while first and n - first >= floor:
             idx = order[start : start + first]
-            share = float(rel[idx].mean()) / n  # the share of the layer's capacity it holds
+            if comparable:  # what the step costs, in the same units for every layer
+                share = float(scores[name][idx].float().sum())
+            else:  # the share of the layer's capacity it holds
+                share = float(rel[idx].mean()) / n
             steps.append((share / (saving / mean) ** cost_weight, name, idx))
             start, n, first = start + first, n - first, round_to
     steps.sort(key=lambda s: s[0])
@@ -256,6 +306,7 @@ def plan_cut(
     min_filters: int = 1,
     round_to: int = 1,
     cost_weight: float = 1.0,
+    comparable: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """The live masks whose export is at most ``target`` (in ``metric``) and close below it.
 
@@ -263,8 +314,11 @@ def plan_cut(
     next multiple of ``round_to``) has a saving measured by the export's analysis. A step's
     priority is the share of its layer's capacity it holds (its filters' score relative to the
     layer's mean live score, divided by the layer's live filters) per unit of saving (relative to
-    the mean saving, to the power ``cost_weight``): the lowest go first, and a bisection finds the
-    fewest steps that meet the target. From the last ranking still above it, the finish takes the
+    the mean saving, to the power ``cost_weight``); with ``comparable`` scores (the same units in
+    every layer, such as the loss estimates of
+    [`accumulate_taylor_`][lightning_sparsity.pruning.budget.accumulate_taylor_]) the share is
+    the step's summed score instead. The lowest go first, and a bisection finds the fewest steps
+    that meet the target. From the last ranking still above it, the finish takes the
     steps whose re-measured saving fits the remaining gap, so the size lands just below the
     target. Never below ``min_filters`` per layer; nothing dead is revived.
 
@@ -279,7 +333,7 @@ def plan_cut(
     if size[metric] <= target:
         return masks, size
     savings = _savings(sizer, masks, scores, size[metric], metric, min_filters, round_to)
-    steps = _ranked(masks, scores, savings, min_filters, round_to, cost_weight)
+    steps = _ranked(masks, scores, savings, min_filters, round_to, cost_weight, comparable)
     floor_size = sizer.size(_apply(masks, steps))
     if floor_size[metric] > target:
         fail("SparsityBudget", metric, target,
