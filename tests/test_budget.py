@@ -190,3 +190,18 @@ def test_taylor_criterion_ranks_filters_and_features_by_estimated_loss(
     assert 0.95 * 2400 <= export.report.params_after <= 2400
     with pytest.raises(ValueError, match=r"`SparsityBudget\(criterion='fisher'\)`"):
         SparsityBudget(params=0.1, criterion="fisher")  # type: ignore[arg-type]
+
+
+def test_taylor_estimates_since_the_last_cut_survive_a_restart(tmp_path: Path) -> None:
+    """A checkpoint written between two cuts keeps the estimates gathered since the first one."""
+    budget = SparsityBudget(params=0.1, by_epoch=2, cuts=1, criterion="taylor")
+    trainer = fit(tmp_path, [budget], max_steps=6)  # 4 steps an epoch: the cut at 8 is not due
+    assert set(budget._taylor) == {"features.0", "features.3", "classifier.1"}
+    assert all(bool((t > 0).any()) for t in budget._taylor.values())
+    ckpt = tmp_path / "t.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["callbacks"][budget.state_key]
+    resumed = SparsityBudget(params=0.1, by_epoch=2, cuts=1, criterion="taylor")
+    resumed.load_state_dict(state)
+    for name, values in budget._taylor.items():
+        assert torch.equal(resumed._taylor[name], values.cpu())
