@@ -205,3 +205,17 @@ def test_taylor_estimates_since_the_last_cut_survive_a_restart(tmp_path: Path) -
     resumed.load_state_dict(state)
     for name, values in budget._taylor.items():
         assert torch.equal(resumed._taylor[name], values.cpu())
+
+
+def test_a_regularizer_ahead_of_the_schedule_is_slowed_down(tmp_path: Path) -> None:
+    """A proximal L0 map strong enough to zero filters by itself keeps the network below the size
+    due: the cuts then have nothing to kill, and halve the strength instead.
+    """
+    from lightning_sparsity import ProximalSparsity
+
+    proximal = ProximalSparsity(penalty="l0", strength=0.05, granularity="filter")
+    budget = SparsityBudget(params=0.5, by_epoch=2, cuts=4)
+    fit(tmp_path, [proximal, budget], max_epochs=3)
+    assert budget.size["params"] < budget.target  # the proximal map went further on its own
+    # halved at the cuts with nothing to cut (the first may still cut, and steer by its own rule)
+    assert budget.strength_scale == proximal.strength_scale <= 0.5**3

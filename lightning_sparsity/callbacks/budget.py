@@ -64,7 +64,9 @@ class SparsityBudget(OrderedCallback):
     [`ProximalSparsity`][lightning_sparsity.ProximalSparsity] or
     [`VariableSplitting`][lightning_sparsity.VariableSplitting]) the callback steers its strength:
     doubled after a cut whose filters still mattered (relative score above 0.5), reduced after a
-    cut of filters the regularizer had already emptied (below 0.1), so no strength needs tuning.
+    cut of filters the regularizer had already emptied (below 0.1), and halved while the
+    regularizer alone keeps the network below the size due with nothing left to cut (a proximal
+    map zeroes filters by itself), so no strength needs tuning.
 
     Args:
         params: the budget in parameters (all of the exported model's), a fraction or a count.
@@ -393,7 +395,11 @@ class SparsityBudget(OrderedCallback):
         killed = {n: before[n] & ~m for n, m in masks.items()}
         self._set_masks(masks, trainer.optimizers)
         self.size = size
-        self._adapt(trainer, scores, killed)
+        if size[self.metric] < due and not any(bool(k.any()) for k in killed.values()):
+            # nothing to cut: the regularizer zeroes filters by itself faster than due
+            self._steer(trainer, max(self.strength_scale * 0.5, 1e-3))
+        else:
+            self._adapt(trainer, scores, killed)
         metrics = {
             "sparsity/budget/due": float(due),
             "sparsity/budget/strength_scale": self.strength_scale,
