@@ -208,14 +208,25 @@ def test_taylor_estimates_since_the_last_cut_survive_a_restart(tmp_path: Path) -
 
 
 def test_a_regularizer_ahead_of_the_schedule_is_slowed_down(tmp_path: Path) -> None:
-    """A proximal L0 map strong enough to zero filters by itself keeps the network below the size
-    due: the cuts then have nothing to kill, and halve the strength instead.
+    """A stand-in for a proximal map zeroes 60 more fc1 filters (weights and bias) after every
+    step, faster than the schedule asks (90% of the parameters by epoch 2): each cut finds the
+    network smaller than due and than at the last cut with nothing to cut, and halves the
+    steered strength; with ``steer=False`` nothing changes.
     """
-    from lightning_sparsity import ProximalSparsity
 
-    proximal = ProximalSparsity(penalty="l0", strength=0.05, granularity="filter")
-    budget = SparsityBudget(params=0.5, by_epoch=2, cuts=4)
-    fit(tmp_path, [proximal, budget], max_epochs=3)
-    assert budget.size["params"] < budget.target  # the proximal map went further on its own
-    # halved at the cuts with nothing to cut (the first may still cut, and steer by its own rule)
-    assert budget.strength_scale == proximal.strength_scale <= 0.5**3
+    class Zeroing(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            fc1 = pl_module.model.get_submodule("classifier.1")
+            with torch.no_grad():
+                k = 60 * trainer.global_step
+                fc1.weight[:k] = 0
+                fc1.bias[:k] = 0
+
+    for steer, expected in ((True, 0.5**4), (False, 1.0)):
+        reg = SparsityRegularizer("group_lasso", 1e-9)
+        budget = SparsityBudget(params=0.9, by_epoch=2, cuts=4, steer=steer)
+        fit(tmp_path, [Zeroing(), reg, budget], max_epochs=3)
+        assert all(bool(m.all()) for m in budget.masks.values())  # the budget cut nothing
+        assert budget.size["params"] < budget.target
+        assert budget.strength_scale == expected
+        assert reg.strength_scale == (expected if steer else 1.0)

@@ -35,7 +35,14 @@ from torch import Tensor
 from typing_extensions import override
 
 #: The phases, with the method each runs (``_<phase>``) and the hook that triggers it.
-PHASES: tuple[str, ...] = ("train_start", "before_step", "batch_end", "epoch_end", "train_end")
+PHASES: tuple[str, ...] = (
+    "train_start",
+    "observe_step",
+    "before_step",
+    "batch_end",
+    "epoch_end",
+    "train_end",
+)
 
 
 class OrderedCallback(Callback):
@@ -72,7 +79,9 @@ class OrderedCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._run(trainer, "before_step", step_key(trainer, optimizer), pl_module, optimizer)
+        key = step_key(trainer, optimizer)
+        self._run(trainer, "observe_step", key, pl_module, optimizer)
+        self._run(trainer, "before_step", key, pl_module, optimizer)
 
     @override
     def on_train_batch_end(
@@ -96,6 +105,11 @@ class OrderedCallback(Callback):
     # ------------------------------------------------------------------ the phases
     def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """When training starts (restored state and optimizers are in place)."""
+
+    def _observe_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Before each optimizer step, before any callback changes the gradients: read only."""
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

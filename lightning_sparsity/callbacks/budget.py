@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sparsity.callbacks._amp import unscaled_found_inf
 from lightning_sparsity.callbacks._order import OrderedCallback
 from lightning_sparsity.callbacks._runtime import refuse_sharded_strategy
 from lightning_sparsity.callbacks._targeted import TargetedCallback
@@ -51,8 +52,8 @@ class SparsityBudget(OrderedCallback):
     ``macs`` (per sample), as the export counts them. At ``cuts`` evenly spaced optimizer steps
     from ``start_epoch`` to ``by_epoch`` (fractions of an epoch allowed, so one epoch can hold
     the whole schedule) the callback cuts to a gradual (cubic) schedule: across all
-    selected layers at once it kills the filters of least significance (``criterion`` norm,
-    relative to the layer's mean) per unit of size saved, each saving measured by the export's
+    selected layers at once it kills the filters of least significance (``criterion``)
+    per unit of size saved, each saving measured by the export's
     own analysis ([`plan_cut`][lightning_sparsity.pruning.budget.plan_cut]), so the cut at
     ``by_epoch`` lands at or just below the budget (never above it). Killed filters stay dead
     (weights, BatchNorm, gradients and optimizer state, as
@@ -65,8 +66,8 @@ class SparsityBudget(OrderedCallback):
     [`VariableSplitting`][lightning_sparsity.VariableSplitting]) the callback steers its strength:
     doubled after a cut whose filters still mattered (relative score above 0.5), reduced after a
     cut of filters the regularizer had already emptied (below 0.1), and halved while the
-    regularizer alone keeps the network below the size due with nothing left to cut (a proximal
-    map zeroes filters by itself), so no strength needs tuning.
+    regularizer alone has shrunk the network below the size due since the last cut, leaving
+    nothing to cut (a proximal map zeroes filters by itself), so no strength needs tuning.
 
     Args:
         params: the budget in parameters (all of the exported model's), a fraction or a count.
@@ -182,6 +183,7 @@ class SparsityBudget(OrderedCallback):
         self._example: tuple[Tensor, ...] | None = None
         self._cut_steps: list[int] = []
         self._cut_at = -1
+        self._taylor_from = 0
         #: with ``criterion="taylor"``: the importance summed since the last cut, per group
         self._taylor: dict[str, Tensor] = {}
 
@@ -341,19 +343,28 @@ class SparsityBudget(OrderedCallback):
                 hint="give the train dataloader a length.",
             )
         self._cut_steps = cut_steps(self.start_epoch, self.by_epoch, steps, self.cuts)
+        self._taylor_from = round(self.start_epoch * steps)
         self._filters.check(_OWNER)
         self._features.check(_OWNER)
         self._apply(trainer)
         self._steer(trainer, self.strength_scale)
+
+    def _observe_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """With ``criterion="taylor"``: gather the loss's gradients before any penalty's."""
+        if self.criterion != "taylor" or not trainer.is_global_zero or not self._cut_steps:
+            return
+        if self._taylor_from <= trainer.global_step < self._cut_steps[-1]:
+            found_inf = unscaled_found_inf(trainer, optimizer)  # a skipped step adds nothing
+            groups, features = self._filters.groups, self._features.layers
+            accumulate_taylor_(self._taylor, groups, features, skip=found_inf)
 
     def _before_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._filters.zero_grads()
         self._features.zero_grads()
-        last = self._cut_steps[-1] if self._cut_steps else -1
-        if self.criterion == "taylor" and trainer.global_step < last:
-            accumulate_taylor_(self._taylor, self._filters.groups, self._features.layers)
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int
@@ -394,9 +405,13 @@ class SparsityBudget(OrderedCallback):
         before = self.masks
         killed = {n: before[n] & ~m for n, m in masks.items()}
         self._set_masks(masks, trainer.optimizers)
+        previous = self.size.get(self.metric, self.dense) or 0
         self.size = size
-        if size[self.metric] < due and not any(bool(k.any()) for k in killed.values()):
-            # nothing to cut: the regularizer zeroes filters by itself faster than due
+        nothing_cut = not any(bool(k.any()) for k in killed.values())
+        ahead = nothing_cut and size[self.metric] < min(due, previous)
+        if ahead and self.steer:
+            # nothing to cut, and smaller than at the last cut: the regularizer alone zeroes
+            # filters faster than due (a proximal map does)
             self._steer(trainer, max(self.strength_scale * 0.5, 1e-3))
         else:
             self._adapt(trainer, scores, killed)

@@ -59,19 +59,17 @@ class Sizer:
         memo = {id(trainer): trainer} if trainer is not None else {}
         clone = copy.deepcopy(self.model, memo).eval()
         modules = dict(clone.named_modules())
-        any_dead = False
         for name, mask in masks.items():
             dead = (~mask).nonzero().flatten()
             if dead.numel():
-                any_dead = True
                 if name.endswith(FEATURES):  # a Linear layer's input features (columns)
                     weight = modules[name.removesuffix(FEATURES)].weight
                     weight.index_fill_(1, dead.to(weight.device), 0.0)  # type: ignore[operator]
                     continue
                 bn = modules[self._bns[name]] if name in self._bns else None
                 zero_filters(FilterGroup(name, modules[name], bn), dead)
-        if any_dead:
-            clone = prune_model(clone, self.example_inputs, verify=False, allow_unchanged=True)
+        # always: filters a regularizer zeroed by itself count even where no mask is dead yet
+        clone = prune_model(clone, self.example_inputs, verify=False, allow_unchanged=True)
         return {
             "params": count_params(clone),
             "macs": count_macs(clone, self.example_inputs)[0],
@@ -135,6 +133,7 @@ def accumulate_taylor_(
     acc: dict[str, Tensor],
     groups: Mapping[str, FilterGroup],
     feature_layers: Mapping[str, nn.Module] | None = None,
+    skip: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Add this step's first-order Taylor importance of every filter and input feature to ``acc``.
 
@@ -142,7 +141,10 @@ def accumulate_taylor_(
     2019): its square, summed over steps, estimates the loss a cut costs, in the same units for
     every layer, so a filter of ``conv1`` and an input feature of ``fc1`` compare directly. A
     filter's group is its weight row, bias and BatchNorm scale and shift; an input feature's is
-    its weight column. Parameters without a gradient are skipped.
+    its weight column. Read the gradients of the loss alone (before any penalty adds to them).
+    Parameters without a gradient are skipped; non-finite terms add nothing, and nothing is
+    added where ``skip`` (a 0-dim tensor, GradScaler's ``found_inf``) is non-zero, without a
+    host synchronisation.
 
     Example::
 
@@ -154,24 +156,27 @@ def accumulate_taylor_(
         >>> acc["l"], acc["l#in"]  # rows: (1+2)^2, (0-4)^2; columns: (1+0)^2, (2-4)^2
         (tensor([ 9., 16.]), tensor([1., 4.]))
     """
+
+    def add(key: str, term: Tensor) -> None:
+        term = torch.where(torch.isfinite(term), term, 0.0)
+        if skip is not None:
+            term = torch.where(skip.to(term.device) != 0, 0.0, term)
+        acc[key] = acc[key].to(term.device) + term if key in acc else term
+
     for name, group in groups.items():
         total = None
         for param in group.params():
             if param.grad is None:
                 continue
-            term = (param * param.grad).reshape(param.shape[0], -1).sum(1).float()
+            term = (param.float() * param.grad.float()).reshape(param.shape[0], -1).sum(1)
             total = term if total is None else total + term
         if total is not None:
-            acc[name] = (
-                acc[name].to(total.device) + total.square() if name in acc else total.square()
-            )
+            add(name, total.square())
     for name, layer in (feature_layers or {}).items():
         weight = layer.weight
         if not isinstance(weight, Tensor) or weight.grad is None:
             continue
-        term = (weight * weight.grad).sum(0).float().square()
-        key = name + FEATURES
-        acc[key] = acc[key].to(term.device) + term if key in acc else term
+        add(name + FEATURES, (weight.float() * weight.grad.float()).sum(0).square())
     return acc
 
 
@@ -230,9 +235,9 @@ def _ranked(
     units in every layer, such as a loss estimate) the sum of its filters' scores; divided by its
     measured saving relative to the mean saving raised to ``cost_weight``.
     """
-    mean = sum(s for _, s in savings.values()) / max(len(savings), 1)
+    mean = sum(s / u for u, s in savings.values()) / max(len(savings), 1)  # per filter
     steps = []
-    for name, (_, saving) in savings.items():
+    for name, (unit, saving) in savings.items():
         mask = masks[name]
         rel = _relative(scores[name].float(), mask)
         live = mask.nonzero().flatten()
@@ -241,11 +246,12 @@ def _ranked(
         start, n = 0, live.numel()
         while first and n - first >= floor:
             idx = order[start : start + first]
-            if comparable:  # what the step costs, in the same units for every layer
-                share = float(scores[name][idx].float().sum())
+            if comparable:  # what a filter of the step costs, in the same units for every layer
+                share = float(scores[name][idx].float().mean())
             else:  # the share of the layer's capacity it holds
                 share = float(rel[idx].mean()) / n
-            steps.append((share / (saving / mean) ** cost_weight, name, idx))
+            per_filter = saving / unit / mean  # the first step's saving, per filter
+            steps.append((share / per_filter**cost_weight, name, idx))
             start, n, first = start + first, n - first, round_to
     steps.sort(key=lambda s: s[0])
     return [(name, idx) for _, name, idx in steps]
