@@ -82,7 +82,7 @@ def _ours(data: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in data.get("methods", {}).items()
-        if not k.startswith(PEERS) and not v.get("quick")
+        if not k.startswith(PEERS) and not v.get("quick") and v.get("eval_split") == "test"
     }
 
 
@@ -161,7 +161,8 @@ def _ordered(data: dict[str, Any]) -> dict[str, Any]:
     def rank(name: str) -> tuple[int, int, str]:
         # variants (`<method>_<tag>`) follow their method
         bases = [i for i, base in enumerate(ORDER) if name == base or name.startswith(base + "_")]
-        return (bases[-1] if bases else len(ORDER), name not in ORDER, name)
+        best = max(bases, key=lambda i: len(ORDER[i]), default=len(ORDER))  # the longest base
+        return (best, name not in ORDER, name)
 
     return dict(sorted(methods.items(), key=lambda kv: rank(kv[0])))
 

@@ -9,8 +9,9 @@ epoch-end thresholding round happens before the monitor counts the live filters.
 Every sparsity callback derives from
 [`OrderedCallback`][lightning_sparsity.callbacks._order.OrderedCallback], which owns the five
 Lightning hooks
-concerned and turns each into a phase (``_train_start``, ``_before_step``, ``_batch_end``,
-``_epoch_end``, ``_train_end``, which subclasses implement). At train start, before any phase, the
+concerned and turns each into a phase (``_train_start``, ``_observe_step`` (read-only, before
+any callback changes the gradients), ``_before_step``, ``_batch_end``, ``_epoch_end``,
+``_train_end``, which subclasses implement). At train start, before any phase, the
 optimizers restored from a checkpoint are checked
 ([`check_restored_optimizers`][lightning_sparsity.callbacks._order.check_restored_optimizers]). The
 first

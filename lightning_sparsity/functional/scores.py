@@ -29,6 +29,7 @@ from lightning_sparsity.validation import (
     check_bool,
     check_choice,
     check_float,
+    check_int,
     check_optional,
     describe,
     fail,
@@ -318,9 +319,11 @@ def threshold_round(
     2. with ``criterion`` and ``fraction``: ``floor(fraction * live)`` more of the live filters,
        the lowest [`filter_scores`][lightning_sparsity.functional.scores.filter_scores] first (ties:
        lowest index);
-    3. with ``round_to > 1``: the strongest (by ``norm``) of this round's candidates are spared
-       until the live count is a multiple of ``round_to`` (or every filter that was live), for
-       hardware that wants widths in multiples of N; the round never kills fewer than that.
+    3. with ``round_to > 1``: the strongest non-zero (by ``norm``) of this round's candidates
+       are spared until the live count is a multiple of ``round_to`` (or every filter that was
+       live), for hardware that wants widths in multiples of N. All-zero filters are never spared
+       (the export drops them anyway), so with too few non-zero candidates the count stays below
+       the next multiple.
 
     Returns:
         ``(mask, wanted)``: the bool ``[out]`` live mask (CPU) and the live count the rules asked
@@ -363,7 +366,8 @@ def threshold_round(
 def spare_to_multiple(new: Tensor, live: Tensor, norms: Tensor, round_to: int) -> Tensor:
     """Spare the strongest candidates until a multiple of ``round_to`` filters is kept.
 
-    The candidates are ``live`` but not ``new``; ``new`` never keeps more than all of ``live``.
+    The candidates are ``live`` but not ``new``, with a non-zero ``norms``; ``new`` never keeps
+    more than all of ``live``.
 
     Example::
 
@@ -371,12 +375,15 @@ def spare_to_multiple(new: Tensor, live: Tensor, norms: Tensor, round_to: int) -
         >>> new = torch.tensor([True, False, False, False, True])
         >>> spare_to_multiple(new, live, torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0]), 4)
         tensor([ True, False,  True,  True,  True])
+        >>> spare_to_multiple(new, live, torch.tensor([5.0, 0.0, 0.0, 2.0, 4.0]), 4)  # zeros stay
+        tensor([ True, False, False,  True,  True])
     """
+    check_int(round_to, owner="spare_to_multiple", arg="round_to", low=1)
     kept, limit = int(new.sum()), int(live.sum())
     target = min(limit, -(-kept // round_to) * round_to)
     if target <= kept:
         return new
-    spare = (live & ~new).nonzero().flatten()
+    spare = (live & ~new & (norms > 0)).nonzero().flatten()  # a zero filter is dead anyway
     order = torch.argsort(norms[spare], descending=True, stable=True)
     new = new.clone()
     new[spare[order[: target - kept]]] = True
