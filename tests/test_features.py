@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,8 +77,21 @@ def test_features_can_be_kept_and_a_wrong_file_is_refused(tmp_path: Path) -> Non
         load_pruned(path, wrong)
 
 
-def test_thresholding_kills_single_input_features_that_the_export_removes(tmp_path: Path) -> None:
+def two_epochs(callbacks: list) -> Any:
+    """A quiet two-epoch Trainer on the CPU."""
     import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def test_thresholding_kills_single_input_features_that_the_export_removes(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_sparsity import ClassificationModule, FilterThresholding, PrunedExport
@@ -90,14 +104,7 @@ def test_thresholding_kills_single_input_features_that_the_export_removes(tmp_pa
         fc1.weight[:, 7] *= 1e-4  # one position of one conv2 channel, not the whole channel
     thresholding = FilterThresholding(threshold=0.01, relative=True, features=True)
     export = PrunedExport(dirpath=tmp_path, formats=("pt",), allow_unchanged=True)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[thresholding, export],
-    )
+    trainer = two_epochs([thresholding, export])
     trainer.fit(module, DataLoader(data, batch_size=8))
     assert thresholding.feature_masks["classifier.1"].tolist().count(False) == 1
     assert not thresholding.feature_masks["classifier.1"][7]
@@ -114,7 +121,6 @@ def test_a_regularizer_on_linear_columns_empties_features_the_export_removes(
     and only those; the thresholding kills them at threshold 0 after the first epoch, and the
     export drops them one by one (its first-batch and final checks compare outputs).
     """
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_sparsity import (
@@ -136,14 +142,7 @@ def test_a_regularizer_on_linear_columns_empties_features_the_export_removes(
         threshold=0.0, features=True, layers=["classifier.1"], max_rounds=1
     )
     export = PrunedExport(dirpath=tmp_path, formats=("pt",))
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[proximal, thresholding, export],
-    )
+    trainer = two_epochs([proximal, thresholding, export])
     trainer.fit(module, DataLoader(data, batch_size=16))
     expected = torch.ones(800, dtype=torch.bool)
     expected[::3] = False
